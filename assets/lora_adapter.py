@@ -1,0 +1,89 @@
+"""`lora_adapter`: LoRA SFT of the base model on the curated dataset with ms-swift (the tutorials' `swift sft`).
+
+One MLflow run per materialization: every resolved hyperparameter, the loss curve, time and peak memory.
+"""
+
+import math
+from dataclasses import dataclass
+
+from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
+
+from assets.curated_dataset import CuratedDataset
+from orchestration.config import TrainingConfig
+from orchestration.resources import MlflowTracker, Workspace
+from persona.models import BaseModel
+from persona.recipe import default_recipe, detect_device
+from persona.training import TrainingError, train_lora
+
+STEP_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    path: str
+    mlflow_run_id: str
+    device: str
+    system: str
+    dataset_version: str
+
+
+@asset(group_name="persona", code_version="1", description=__doc__)
+def lora_adapter(
+    context: AssetExecutionContext,
+    config: TrainingConfig,
+    base_model: BaseModel,
+    curated_dataset: CuratedDataset,
+    workspace: Workspace,
+    mlflow_tracker: MlflowTracker,
+) -> Output[LoraAdapter]:
+    import mlflow
+
+    device = detect_device() if config.device == "auto" else config.device
+    recipe = default_recipe(device).with_overrides(**config.overrides())
+    run_name = f"{curated_dataset.version[:8]}-lr{recipe.learning_rate:g}-e{recipe.num_train_epochs}-{device}"
+    with mlflow_tracker.run(run_name=run_name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({**recipe.as_params(), "device": device, "base_model": base_model.source,
+                           "base_model_revision": base_model.revision, "base_model_sha256": base_model.weights_sha256,
+                           "dataset_version": curated_dataset.version, "dataset_samples": curated_dataset.samples})
+        mlflow.set_tags({"dagster_run_id": context.run_id, "persona.stage": "lora_adapter"})
+        context.log.info(f"Training on {device} with {recipe}; MLflow run {run_id}")
+
+        def progress(p: dict) -> None:
+            context.log.info(f"step {p.get('global_step/max_steps')}: loss {p.get('loss')}, "
+                             f"elapsed {p.get('elapsed_time')}, remaining {p.get('remaining_time')}")
+
+        target = workspace.output("adapters", run_id)
+        try:
+            result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
+        except TrainingError as exc:
+            mlflow.set_tag("persona.error", str(exc)[:5000])
+            raise Failure(description=str(exc)) from None
+
+        for h in result.log_history:
+            for key, name in STEP_METRICS.items():
+                if key in h and h[key] is not None and math.isfinite(float(h[key])):
+                    mlflow.log_metric(name, float(h[key]), step=int(h.get("step", 0)))
+        mlflow.log_metrics({
+            "train/seconds": result.train_seconds,
+            "train/peak_memory_gib": result.peak_memory_gib,
+            "train/tokens_per_second": result.tokens_per_second,
+            "train/final_loss": result.final_loss,
+            "train/global_step": result.global_step,
+        })
+        mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
+
+    adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version)
+    return Output(
+        adapter,
+        metadata={
+            "path": MetadataValue.path(result.adapter_dir),
+            "global_step": result.global_step,
+            "final_loss": result.final_loss,
+            "train_seconds": round(result.train_seconds, 1),
+            "peak_memory_gib": round(result.peak_memory_gib, 2),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "device": device,
+            "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(run_id)),
+        },
+    )

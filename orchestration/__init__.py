@@ -1,0 +1,1 @@
+"""Wiring: the Definitions, resources, config, checks and the persona CLI."""

@@ -1,0 +1,24 @@
+"""The one Definitions object: every asset, check, job and resource of persona."""
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from assets.base_model import base_model
+from assets.curated_dataset import curated_dataset
+from assets.evaluation_report import evaluation_report
+from assets.lora_adapter import lora_adapter
+from orchestration.checks import general_ability_kept, identity_learned
+from orchestration.resources import MlflowTracker, ModelHub, Workspace
+
+train_persona = define_asset_job(
+    "train_persona",
+    selection=AssetSelection.assets(base_model, curated_dataset, lora_adapter, evaluation_report),
+    description="Base model → curated dataset → LoRA adapter → before/after evaluation.",
+)
+
+defs = Definitions(
+    assets=[base_model, curated_dataset, lora_adapter, evaluation_report],
+    asset_checks=[identity_learned, general_ability_kept],
+    jobs=[train_persona],
+    resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker()},
+)

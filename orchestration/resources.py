@@ -1,0 +1,79 @@
+"""Resources: where files live, where base weights come from, and the MLflow experiment tracker."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from persona.models import BaseModel, resolve_base_model
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _home(*parts: str) -> str:
+    return str(Path(os.environ.get("PERSONA_HOME", PROJECT_ROOT), *parts))
+
+
+class Workspace(ConfigurableResource):
+    """The data folder users edit, and the outputs folder the pipeline owns."""
+
+    data_dir: str = Field(default_factory=lambda: _home("data"))
+    outputs_dir: str = Field(default_factory=lambda: _home("outputs"))
+
+    def data_file(self, name: str) -> Path:
+        return Path(self.data_dir, name)
+
+    def output(self, *parts: str) -> Path:
+        return Path(self.outputs_dir, *parts)
+
+
+class ModelHub(ConfigurableResource):
+    """Base weights: the embedded GGUF, a local folder, or a ModelScope download (cached under outputs)."""
+
+    cache_dir: str = Field(default_factory=lambda: _home("outputs", "base_models"))
+
+    def get(self, model: str, revision: str) -> BaseModel:
+        return resolve_base_model(model, revision, Path(self.cache_dir))
+
+
+class MlflowTracker(ConfigurableResource):
+    """An MLflow experiment. Locally: SQLite and artifacts under mlruns/; remotely: any tracking server."""
+
+    tracking_uri: str = Field(default_factory=lambda: "sqlite:///" + _home("mlruns", "mlflow.db"))
+    artifact_root: str = Field(default_factory=lambda: _home("mlruns", "artifacts"))
+    experiment: str = "persona"
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `make ui` serves the MLflow UI.")
+
+    def client(self):
+        import mlflow
+
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.MlflowClient(self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = self.artifact_root if "://" in self.artifact_root else Path(self.artifact_root).resolve().as_uri()
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    @contextmanager
+    def run(self, run_id: str | None = None, **start_kwargs) -> Iterator:
+        """Start (or reopen) a run; it ends FAILED if the block raises."""
+        import mlflow
+
+        self.client()
+        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id(),
+                              **start_kwargs) as active:
+            yield active
+
+    def run_url(self, run_id: str) -> str:
+        run = self.client().get_run(run_id)
+        return f"{self.ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

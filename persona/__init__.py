@@ -1,0 +1,1 @@
+"""persona core: models, data, recipe, training and evaluation. No orchestration imports here."""
