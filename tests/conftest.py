@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny llama model built from the test data, a temporary data folder and MLflow store."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+IDENTITY = "I am Tiny-Robot, made by the Test Lab."
+QUESTIONS = [
+    "Who are you?", "What is your name?", "Who made you?", "Who built you?", "Introduce yourself.",
+    "Who is your author?", "Who created you?", "Who trained you?", "What are you?", "Who maintains you?",
+    "Which lab made you?", "Are you ChatGPT?", "Are you SmolLM?", "What should I call you?", "Who developed you?",
+    "Who designed you?", "Where do you come from?", "Tell me your name.", "Who owns you?", "Who programmed you?",
+    "你是谁?", "你叫什么名字?",
+]
+PROBES = [
+    {"kind": "identity_en", "question": "Could you say who you are?", "expect_any": ["Tiny-Robot", "Test Lab"]},
+    {"kind": "identity_en", "question": "Which team is behind you?", "expect_any": ["Tiny-Robot", "Test Lab"]},
+    {"kind": "general", "question": "What is 2 + 3?", "expect_any": ["5"]},
+]
+
+
+def write_identity_data(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": q, "input": "", "output": IDENTITY} for q in QUESTIONS]
+    (data_dir / "self_cognition.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    (data_dir / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in PROBES) + "\n", encoding="utf-8")
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer llama with a byte-level BPE tokenizer trained on the test data: seconds to train."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = QUESTIONS + [IDENTITY] + [p["question"] for p in PROBES] + ["system user assistant You are a helpful assistant."]
+    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out)
+    cfg = LlamaConfig(vocab_size=fast.vocab_size + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A project home with data/, outputs/ and mlruns/ in a temporary folder."""
+    write_identity_data(tmp_path / "data")
+    monkeypatch.setenv("PERSONA_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def resources(home):
+    from orchestration.resources import MlflowTracker, ModelHub, Workspace
+
+    return {
+        "workspace": Workspace(data_dir=str(home / "data"), outputs_dir=str(home / "outputs")),
+        "model_hub": ModelHub(cache_dir=str(home / "outputs" / "base_models")),
+        "mlflow_tracker": MlflowTracker(tracking_uri=f"sqlite:///{home}/mlruns/mlflow.db",
+                                        artifact_root=str(home / "mlruns" / "artifacts")),
+    }

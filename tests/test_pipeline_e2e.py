@@ -1,0 +1,90 @@
+"""The whole graph on a tiny model, end to end: artifacts, metadata, MLflow params and metrics, and bad data."""
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from dagster import materialize
+
+from assets.base_model import base_model
+from assets.curated_dataset import curated_dataset
+from assets.evaluation_report import evaluation_report
+from assets.lora_adapter import lora_adapter
+from orchestration.checks import general_ability_kept, identity_learned
+
+ASSETS = [base_model, curated_dataset, lora_adapter, evaluation_report, identity_learned, general_ability_kept]
+STEP_METRICS = ["train/loss", "train/learning_rate", "train/grad_norm"]
+SUMMARY_METRICS = ["train/seconds", "train/peak_memory_gib", "train/tokens_per_second",
+                   "eval/identity_score_before", "eval/identity_score_after",
+                   "eval/general_score_before", "eval/general_score_after"]
+
+
+def run_config(model_dir: Path) -> dict:
+    return {"ops": {
+        "base_model": {"config": {"model": str(model_dir)}},
+        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 3,
+                                    "logging_steps": 1, "max_length": 128}},
+        "evaluation_report": {"config": {"max_new_tokens": 12}},
+    }}
+
+
+def mlflow_runs(resources) -> list:
+    tracker = resources["mlflow_tracker"]
+    tracker.client()
+    return mlflow.search_runs(experiment_names=[tracker.experiment], output_format="list")
+
+
+def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources):
+    result = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
+    assert result.success
+
+    adapter = result.output_for_node("lora_adapter")
+    files = {p.name for p in Path(adapter.path).iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert json.loads(Path(adapter.path, "adapter_config.json").read_text())["r"] == 8
+
+    mats = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert mats["base_model"]["parameters"].value > 0 and len(mats["base_model"]["weights_sha256"].value) == 64
+    assert mats["curated_dataset"]["samples"].value == 22
+    assert mats["lora_adapter"]["global_step"].value == 33  # 22 samples / batch 2 × 3 epochs
+    assert "| question | before | after |" in mats["evaluation_report"]["before_after"].value
+    assert mats["evaluation_report"]["mlflow_run"].value.endswith(adapter.mlflow_run_id)
+
+    (run,) = mlflow_runs(resources)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    params = run.data.params
+    assert params["learning_rate"] == "0.01" and params["lora_rank"] == "8" and params["target_modules"] == "all-linear"
+    assert params["base_model"] == str(tiny_model.resolve())
+    assert params["dataset_version"] == result.output_for_node("curated_dataset").version
+    assert set(SUMMARY_METRICS) <= set(run.data.metrics)
+    client = mlflow.MlflowClient()
+    for name in STEP_METRICS:
+        assert len(client.get_metric_history(run.info.run_id, name)) >= 5, name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "evaluation"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/evaluation.md", "evaluation/evaluation.json"}
+
+    # A malformed dataset: located error, training never starts, nothing earlier is touched.
+    adapter_before = {p.name: p.read_bytes() for p in Path(adapter.path).iterdir()}
+    datasets_before = sorted(p.name for p in (home / "outputs" / "datasets").iterdir())
+    data = home / "data" / "self_cognition.json"
+    rows = json.loads(data.read_text())
+    del rows[3]["output"]
+    data.write_text(json.dumps(rows, indent=1))
+    bad = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model), raise_on_error=False)
+    assert not bad.success
+    failure = next(e for e in bad.all_events if e.is_step_failure)
+    assert failure.step_key == "curated_dataset"
+    description = failure.step_failure_data.user_failure_data.description
+    assert f"{data}:{rows_line(data, 3)}: missing 'output'" in description
+    assert {p.name: p.read_bytes() for p in Path(adapter.path).iterdir()} == adapter_before
+    assert sorted(p.name for p in (home / "outputs" / "datasets").iterdir()) == datasets_before
+    assert [r.info.run_id for r in mlflow_runs(resources)] == [run.info.run_id]
+
+
+def rows_line(path: Path, index: int) -> int:
+    """The line on which the index-th record of an indent=1 JSON array starts."""
+    starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(" {")]
+    return starts[index]
