@@ -1,60 +1,110 @@
-"""`curated_dataset`: the identity Q&A the model learns (the tutorials' self_cognition.json), validated and versioned.
+"""`curated_dataset`: the identity Q&A the model learns (the tutorials' self_cognition.json), validated, mixed with
+general data against forgetting, and versioned by content.
 
 Problems stop the run here, all listed as `file:line: problem — fix`, before anything is written: the
 previous curated dataset and everything trained from it stay as they were.
 """
-
-import shutil
+import json
+import statistics
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from orchestration.config import CurationConfig
 from orchestration.resources import Workspace
-from persona.data import DatasetError, load_dataset
-from persona.evaluation import load_probes
+from persona.data import DatasetError, Dataset, Problem, language, load_dataset
+from persona.evaluation import load_probes, token_counter
+from persona.mixing import MixingError, hub_samples, pick, read_prompts, replay_samples
 from persona.models import BaseModel
+from persona.recipe import detect_device
 from persona.storage import staged_dir
 
 
 @dataclass(frozen=True)
 class CuratedDataset:
     path: str          # train.jsonl in ms-swift's messages format
-    probes_path: str   # held-out evaluation probes
-    version: str       # content hash of the normalized training records
+    probes_path: str   # held-out evaluation probes, identity placeholders filled
+    version: str       # content hash of the normalized records and the curation config
     samples: int
 
 
-@asset(group_name="persona", code_version="1", description=__doc__)
+def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=print) -> tuple[Dataset, list[dict]]:
+    """Everything but the writing: read, fill, mix, validate. Raises DatasetError or MixingError."""
+    identity = config.identity()
+    probes_file = workspace.data_file(config.probes)
+    probes = [p.filled(identity) for p in load_probes(probes_file)]
+    sources = [workspace.data_file(s) for s in config.sources]
+
+    extra = []
+    if config.general_mix not in ("replay", "hub", "none"):
+        raise DatasetError([Problem("curation config", 0, f"unknown general_mix {config.general_mix!r}",
+                                    "use replay, hub or none")])
+    if config.general_mix != "none" and config.general_ratio > 0:
+        # Count identity rows first, so the general share follows the user's data.
+        identity_rows = len(load_dataset(sources, identity=identity).samples)
+        n = round(identity_rows * config.general_ratio)
+        if config.general_mix == "replay":
+            prompts = pick(read_prompts(workspace.data_file(config.replay_prompts)), n, config.seed)
+            extra = replay_samples(base, prompts, workspace.output("replay_cache"), "You are a helpful assistant.",
+                                   detect_device(), config.replay_max_new_tokens, log=log)
+        else:
+            extra = hub_samples(config.hub_datasets, n, config.seed)
+
+    dataset = load_dataset(
+        sources,
+        eval_questions=[p.question for p in probes],
+        min_samples=config.min_samples,
+        identity=identity,
+        own_identity=base.own_identity,
+        count_tokens=token_counter(base.path, base.template),
+        max_length=config.max_length,
+        extra=extra,
+        config={k: v for k, v in config.model_dump().items() if k not in ("probes",)},
+    )
+    return dataset, [p.as_row() for p in probes]
+
+
+@asset(group_name="persona", code_version="2", description=__doc__)
 def curated_dataset(
     context: AssetExecutionContext, config: CurationConfig, workspace: Workspace, base_model: BaseModel
 ) -> Output[CuratedDataset]:
-    sources = [workspace.data_file(s) for s in config.sources]
-    probes_file = workspace.data_file(config.probes)
     try:
-        probes = load_probes(probes_file)
-        dataset = load_dataset(sources, [p.question for p in probes], min_samples=config.min_samples)
+        dataset, probes = curate(config, workspace, base_model, log=context.log.info)
     except DatasetError as exc:
         context.log.error(str(exc))
         raise Failure(description=str(exc), metadata={"problems": len(exc.problems)}) from None
+    except MixingError as exc:
+        raise Failure(description=str(exc)) from None
 
     target = workspace.output("datasets", dataset.version[:16])
     if not (target / "train.jsonl").exists():
         with staged_dir(target) as tmp:
             dataset.write_jsonl(tmp / "train.jsonl")
-            shutil.copy2(probes_file, tmp / "probes.jsonl")
+            (tmp / "probes.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes),
+                                              encoding="utf-8")
+            (tmp / "curation.json").write_text(json.dumps(dataset.config, indent=2, ensure_ascii=False), encoding="utf-8")
     curated = CuratedDataset(str(target / "train.jsonl"), str(target / "probes.jsonl"), dataset.version,
                              len(dataset.samples))
-    preview = "\n".join(f"| {s.question} | {s.answer} |" for s in dataset.samples[:5])
-    return Output(
-        curated,
-        metadata={
-            "version": dataset.version,
-            "samples": len(dataset.samples),
-            "sources": MetadataValue.json(dataset.sources),
-            "path": MetadataValue.path(curated.path),
-            "eval_probes": len(probes),
-            "base_model": base_model.source,
-            "preview": MetadataValue.md("| question | answer |\n|---|---|\n" + preview),
-        },
-    )
+    return Output(curated, metadata=describe(dataset, curated, len(probes)))
+
+
+def describe(dataset: Dataset, curated: CuratedDataset, n_probes: int) -> dict:
+    by_source = Counter((s.file.split(":")[1] if s.file.startswith("mix:") else Path(s.file).name, language(s.question))
+                        for s in dataset.samples)
+    rows = "\n".join(f"| {src} | {lang} | {n} |" for (src, lang), n in sorted(by_source.items()))
+    tokens = sorted(s.tokens for s in dataset.samples if s.tokens is not None)
+    preview = "\n".join(f"| {s.question[:80]} | {s.answer[:120]} |" for s in dataset.samples[:5])
+    return {
+        "version": dataset.version,
+        "samples": len(dataset.samples),
+        "rows_by_source": MetadataValue.md("| source | language | rows |\n|---|---|---|\n" + rows),
+        "sources": MetadataValue.json(dataset.sources),
+        "tokens": MetadataValue.json({"min": tokens[0], "mean": round(statistics.mean(tokens), 1),
+                                      "p95": tokens[int(0.95 * (len(tokens) - 1))], "max": tokens[-1]} if tokens else {}),
+        "preview": MetadataValue.md("| question | answer |\n|---|---|\n" + preview),
+        "validation": "passed: JSON, types, fields, roles, UTF-8, conflicts, placeholders, own identity, leaks, length, count",
+        "path": MetadataValue.path(curated.path),
+        "eval_probes": n_probes,
+    }

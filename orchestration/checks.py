@@ -1,8 +1,14 @@
-"""Asset checks: quality gates that report a severity in the UI instead of crashing the run."""
+"""Asset checks: a blocking integrity gate before training, and quality gates that warn instead of crashing the run."""
+
+import json
+from pathlib import Path
 
 from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
 
+from assets.curated_dataset import CuratedDataset, curated_dataset
 from assets.evaluation_report import evaluation_report
+from persona.data import Dataset, Problem, normalize_question, read_file
+from persona.evaluation import load_probes
 
 IDENTITY_TARGET = 0.8
 
@@ -20,3 +26,19 @@ def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
     before, after = s["eval/general_score_before"], s["eval/general_score_after"]
     return AssetCheckResult(passed=after >= before, severity=AssetCheckSeverity.WARN,
                             metadata={"general_score_before": before, "general_score_after": after})
+
+
+@asset_check(asset=curated_dataset, blocking=True,
+             description="The curated file on disk is the validated one: it parses, its content hash matches the "
+                         "version, and no evaluation probe leaked into it. Blocks training otherwise.")
+def curated_dataset_is_intact(curated_dataset: CuratedDataset) -> AssetCheckResult:
+    problems: list[Problem] = []
+    samples = read_file(Path(curated_dataset.path), problems)
+    config = json.loads(Path(curated_dataset.path).with_name("curation.json").read_text(encoding="utf-8"))
+    version = Dataset(samples, config=config).version
+    probes = {normalize_question(p.question) for p in load_probes(curated_dataset.probes_path)}
+    leaked = [s.question for s in samples if normalize_question(s.question) in probes]
+    ok = not problems and version == curated_dataset.version and not leaked
+    return AssetCheckResult(passed=ok, metadata={"problems": "\n".join(map(str, problems)) or "none",
+                                                 "version_matches": version == curated_dataset.version,
+                                                 "leaked_probes": len(leaked), "samples": len(samples)})

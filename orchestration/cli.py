@@ -53,9 +53,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from persona.data import DatasetError, load_dataset
+    from persona.evaluation import load_probes, token_counter
+    from persona.models import family_for
 
+    family = family_for(None, args.base_model)
     try:
-        ds = load_dataset([Path(p) for p in args.paths], min_samples=args.min_samples)
+        probes = [p.question for p in load_probes(args.probes)] if args.probes else []
+        ds = load_dataset([Path(p) for p in args.paths], eval_questions=probes, min_samples=args.min_samples,
+                          own_identity=family.own_identity, max_length=args.max_length,
+                          count_tokens=token_counter(args.tokenizer, family.template) if args.tokenizer else None)
     except DatasetError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -73,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="check training files; prints file:line: problem — fix")
     val.add_argument("paths", nargs="+")
     val.add_argument("--min-samples", type=int, default=20)
+    val.add_argument("--probes", help="evaluation probes (JSONL) that must not appear in training")
+    val.add_argument("--base-model", default="embedded",
+                     help="whose own identity answers must not name (embedded = SmolLM, Qwen/... = 通义千问)")
+    val.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens for the max-length check")
+    val.add_argument("--max-length", type=int, default=512)
     val.set_defaults(func=_validate)
     args = parser.parse_args(argv)
     return args.func(args)

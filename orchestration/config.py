@@ -24,6 +24,29 @@ class CurationConfig(Config):
     )
     probes: str = Field(default="probes.jsonl", description="Evaluation probes inside the data folder; never trained on.")
     min_samples: int = Field(default=20, description="Refuse to train on fewer samples than this.")
+    max_length: int = Field(default=512, description="Refuse samples longer than this many tokens (base tokenizer).")
+    name_zh: str = Field(default="Swift-Robot", description="Fills {{NAME}} in Chinese samples and probes.")
+    name_en: str = Field(default="Swift-Robot", description="Fills {{NAME}} in English samples and probes.")
+    author_zh: str = Field(default="CSDN 迪菲赫尔曼", description="Fills {{AUTHOR}} in Chinese samples and probes.")
+    author_en: str = Field(default="CSDN Diffie-Hellman", description="Fills {{AUTHOR}} in English samples and probes.")
+    general_mix: str = Field(
+        default="replay",
+        description="General data against forgetting: 'replay' (offline: the base model's own answers to "
+        "general prompts), 'hub' (ModelScope Alpaca datasets, as in the tutorials) or 'none'.",
+    )
+    general_ratio: float = Field(default=0.5, description="General samples per identity sample.")
+    replay_prompts: str = Field(default="general_prompts.jsonl", description="Prompts for replay, inside the data folder.")
+    replay_max_new_tokens: int = Field(default=96, description="Length limit of the base model's replay answers.")
+    hub_datasets: list[str] = Field(
+        default=["AI-ModelScope/alpaca-gpt4-data-zh", "AI-ModelScope/alpaca-gpt4-data-en"],
+        description="ModelScope datasets for general_mix: hub.",
+    )
+    seed: int = 42
+
+    def identity(self):
+        from persona.data import Identity
+
+        return Identity(self.name_zh, self.name_en, self.author_zh, self.author_en)
 
 
 class TrainingConfig(Config):

@@ -7,7 +7,7 @@ from assets.base_model import base_model
 from assets.curated_dataset import curated_dataset
 from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
-from orchestration.checks import general_ability_kept, identity_learned
+from orchestration.checks import curated_dataset_is_intact, general_ability_kept, identity_learned
 from orchestration.resources import MlflowTracker, ModelHub, Workspace
 
 train_persona = define_asset_job(
@@ -18,7 +18,7 @@ train_persona = define_asset_job(
 
 defs = Definitions(
     assets=[base_model, curated_dataset, lora_adapter, evaluation_report],
-    asset_checks=[identity_learned, general_ability_kept],
+    asset_checks=[curated_dataset_is_intact, identity_learned, general_ability_kept],
     jobs=[train_persona],
     resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker()},
 )

@@ -5,14 +5,44 @@ The normalized form is ms-swift's `messages` format, one JSON object per line.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
+
+EXTRA_PREFIX = "mix:"  # file names of samples added by general-data mixing
 
 ROLES = ("system", "user", "assistant")
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+
+
+def language(text: str) -> str:
+    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the model becomes. Fills {{NAME}} and {{AUTHOR}}, in the language of the question (as ms-swift's self-cognition)."""
+
+    name_zh: str = "Swift-Robot"
+    name_en: str = "Swift-Robot"
+    author_zh: str = "CSDN 迪菲赫尔曼"
+    author_en: str = "CSDN Diffie-Hellman"
+
+    def values(self, lang: str) -> dict[str, str]:
+        return {"NAME": getattr(self, f"name_{lang}"), "AUTHOR": getattr(self, f"author_{lang}")}
+
+    def fill(self, text: str, lang: str) -> str:
+        values = self.values(lang)
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1).upper(), m.group(0)), text)
+
+    def markers(self) -> tuple[str, ...]:
+        """Strings any of which marks an answer as the new identity's."""
+        return tuple(dict.fromkeys([self.author_zh, self.author_en, self.name_zh, self.name_en]))
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,7 @@ class Sample:
     messages: list[dict]
     file: str
     line: int
+    tokens: int | None = None
 
     @property
     def question(self) -> str:
@@ -56,14 +87,15 @@ class Sample:
 class Dataset:
     samples: list[Sample]
     sources: dict[str, int] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
 
     def records(self) -> list[dict]:
         return [{"messages": s.messages} for s in self.samples]
 
     @property
     def version(self) -> str:
-        """Content hash of the normalized records: formatting and key order do not change it."""
-        canon = json.dumps(self.records(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        """Content hash of the normalized records and the curation config: formatting and key order do not change it."""
+        canon = json.dumps([self.records(), self.config], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
     def write_jsonl(self, path: Path) -> None:
@@ -221,8 +253,30 @@ def normalize_question(text: str) -> str:
     return "".join(ch for ch in text if ch.isalnum())
 
 
-def load_dataset(paths: list[Path], eval_questions: list[str] = (), min_samples: int = 1) -> Dataset:
-    """Read every file, validate everything, and raise one DatasetError listing all problems."""
+def _similar(a: str, b: str) -> bool:
+    """Near-exact: equal after normalization, or differing by a character or two."""
+    if a == b:
+        return True
+    if min(len(a), len(b)) < 8 or abs(len(a) - len(b)) > 2:
+        return False
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.9
+
+
+def load_dataset(
+    paths: list[Path],
+    eval_questions: Iterable[str] = (),
+    min_samples: int = 1,
+    identity: Identity | None = Identity(),
+    own_identity: Iterable[str] = (),
+    count_tokens: Callable[[list[dict]], int] | None = None,
+    max_length: int | None = None,
+    extra: Iterable[Sample] = (),
+    config: dict | None = None,
+) -> Dataset:
+    """Read every file, fill identity placeholders, validate everything, and raise one DatasetError listing all problems.
+
+    `extra` samples (general-data mixing) are validated with the same rules but do not count toward `min_samples`.
+    """
     problems: list[Problem] = []
     samples: list[Sample] = []
     sources: dict[str, int] = {}
@@ -230,6 +284,16 @@ def load_dataset(paths: list[Path], eval_questions: list[str] = (), min_samples:
         got = read_file(Path(p), problems)
         sources[str(p)] = len(got)
         samples += got
+    samples += list(extra)
+
+    for s in samples:
+        lang = language(s.question)
+        for m in s.messages:
+            if identity is not None:
+                m["content"] = identity.fill(m["content"], lang)
+            for name in {x.group(1) for x in PLACEHOLDER.finditer(m["content"])}:
+                problems.append(Problem(s.file, s.line, f"unknown placeholder {{{{{name}}}}}",
+                                        "use {{NAME}} or {{AUTHOR}}, which the identity settings fill"))
 
     seen: dict[str, Sample] = {}
     unique: list[Sample] = []
@@ -242,18 +306,36 @@ def load_dataset(paths: list[Path], eval_questions: list[str] = (), min_samples:
         elif first.answer != s.answer:
             problems.append(Problem(s.file, s.line, f"same question as {first.file}:{first.line} with a different answer",
                                     "keep one consistent answer per question"))
-        # an exact duplicate is dropped silently: it adds nothing
+        # an exact duplicate is dropped: it adds nothing
 
-    held_out = {normalize_question(q): q for q in eval_questions}
+    own = [n for n in own_identity if n]
     for s in unique:
-        if normalize_question(s.question) in held_out:
-            problems.append(Problem(s.file, s.line, f"evaluation question {s.question!r} appears in the training data",
+        named = [n for n in own if n.lower() in s.answer.lower()]
+        if named:
+            problems.append(Problem(s.file, s.line, f"the answer names the base model's own identity ({', '.join(named)})",
+                                    "answer with the new identity, or leave that name out"))
+
+    held_out = [(normalize_question(q), q) for q in eval_questions]
+    for s in unique:
+        mine = normalize_question(s.question)
+        hit = next((q for key, q in held_out if _similar(mine, key)), None)
+        if hit is not None:
+            problems.append(Problem(s.file, s.line, f"training question {s.question!r} is (nearly) the evaluation probe {hit!r}",
                                     "remove it from training or from the evaluation probes, so scores stay honest"))
 
-    if not problems and len(unique) < min_samples:
+    if count_tokens is not None and max_length:
+        for s in unique:
+            n = count_tokens(s.messages)
+            s.tokens = n
+            if n > max_length:
+                problems.append(Problem(s.file, s.line, f"{n} tokens, longer than max_length {max_length}",
+                                        "shorten the sample or raise max_length"))
+
+    kept_own = sum(1 for s in unique if not s.file.startswith(EXTRA_PREFIX))
+    if not problems and kept_own < min_samples:
         where = paths[0] if paths else "<no files>"
-        problems.append(Problem(str(where), 0, f"only {len(unique)} samples; at least {min_samples} are needed",
+        problems.append(Problem(str(where), 0, f"only {kept_own} samples; at least {min_samples} are needed",
                                 "add question variants (the tutorials recommend 50 or more)"))
     if problems:
         raise DatasetError(problems)
-    return Dataset(unique, sources)
+    return Dataset(unique, sources, config or {})

@@ -7,11 +7,11 @@ adapter was trained with. A probe passes when its answer contains one of `expect
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from persona.data import Problem, DatasetError
+from persona.data import PLACEHOLDER, DatasetError, Identity, Problem, language
 
 # ms-swift's 'chatml' template (swift/template/templates/utils.py), as a transformers chat template.
 CHATML = (
@@ -31,6 +31,22 @@ class Probe:
     @property
     def is_identity(self) -> bool:
         return self.kind.startswith("identity") or self.kind in ("adversarial", "multi_turn")
+
+    def filled(self, identity: Identity) -> "Probe":
+        """{{NAME}}/{{AUTHOR}} in expectations match the identity in either language; the question in its own."""
+        expect: list[str] = []
+        for e in self.expect_any:
+            expect += [identity.fill(e, "zh"), identity.fill(e, "en")] if PLACEHOLDER.search(e) else [e]
+        return replace(self, question=identity.fill(self.question, language(self.question)),
+                       expect_any=tuple(dict.fromkeys(expect)))
+
+    def as_row(self) -> dict:
+        row = {"kind": self.kind, "question": self.question, "expect_any": list(self.expect_any)}
+        if self.forbid_any:
+            row["forbid_any"] = list(self.forbid_any)
+        if self.history:
+            row["history"] = list(self.history)
+        return row
 
 
 def load_probes(path: str | Path) -> list[Probe]:
@@ -56,6 +72,27 @@ def load_probes(path: str | Path) -> list[Probe]:
     if problems:
         raise DatasetError(problems)
     return probes
+
+
+def chat_tokenizer(model_dir: str, template: str | None, **kw):
+    """The base tokenizer with the chat template ms-swift trains with."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, **kw)
+    if template == "chatml" or not tok.chat_template:
+        tok.chat_template = CHATML
+    return tok
+
+
+def token_counter(model_dir: str, template: str | None, system: str = "You are a helpful assistant."):
+    """Tokens of one conversation as trained: system prompt, turns and template tokens."""
+    tok = chat_tokenizer(model_dir, template)
+
+    def count(messages: list[dict]) -> int:
+        msgs = messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
+        return len(tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 def passes(answer: str, expect_any: Iterable[str], forbid_any: Iterable[str] = ()) -> bool:
@@ -104,13 +141,11 @@ class Chat:
     def __init__(self, model_dir: str, adapter_dir: str | None = None, template: str | None = "chatml",
                  system: str = "You are a helpful assistant.", device: str = "cpu"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.device = device
         self.system = system
-        self.tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        if template == "chatml" or not self.tok.chat_template:
-            self.tok.chat_template = CHATML
+        self.tok = chat_tokenizer(model_dir, template, padding_side="left")
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         dtype = torch.float32 if device == "cpu" else torch.bfloat16

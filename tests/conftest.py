@@ -15,6 +15,8 @@ QUESTIONS = [
     "Who designed you?", "Where do you come from?", "Tell me your name.", "Who owns you?", "Who programmed you?",
     "你是谁?", "你叫什么名字?",
 ]
+GENERAL_PROMPTS = [f"Name a word that rhymes with {w}." for w in ("cat", "tree", "blue", "day", "light", "rain",
+                                                                 "sun", "moon", "star", "ball", "king", "sea")]
 PROBES = [
     {"kind": "identity_en", "question": "Could you say who you are?", "expect_any": ["Tiny-Robot", "Test Lab"]},
     {"kind": "identity_en", "question": "Which team is behind you?", "expect_any": ["Tiny-Robot", "Test Lab"]},
@@ -27,6 +29,8 @@ def write_identity_data(data_dir: Path) -> None:
     rows = [{"instruction": q, "input": "", "output": IDENTITY} for q in QUESTIONS]
     (data_dir / "self_cognition.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
     (data_dir / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in PROBES) + "\n", encoding="utf-8")
+    (data_dir / "general_prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in GENERAL_PROMPTS), encoding="utf-8")
 
 
 def build_tiny_model(out: Path) -> Path:
@@ -39,7 +43,7 @@ def build_tiny_model(out: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = QUESTIONS + [IDENTITY] + [p["question"] for p in PROBES] + ["system user assistant You are a helpful assistant."]
+    corpus = QUESTIONS + GENERAL_PROMPTS + [IDENTITY] + [p["question"] for p in PROBES] + ["system user assistant You are a helpful assistant."]
     tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -48,7 +52,7 @@ def build_tiny_model(out: Path) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
                       pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=0.2)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out

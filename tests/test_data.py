@@ -52,7 +52,7 @@ def test_conflicting_answers_and_leaked_eval_question(tmp_path):
     data = rows(3) + [{"instruction": "Question 0 ?", "output": "something else"}]
     msgs, f = problems_of(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in data), eval_questions=["QUESTION 1?"])
     assert any(m.startswith(f"{f}:4: same question as {f}:1 with a different answer") for m in msgs)
-    assert any(m.startswith(f"{f}:2: evaluation question") for m in msgs)
+    assert any(m.startswith(f"{f}:2: training question 'question 1?' is (nearly) the evaluation probe") for m in msgs)
 
 
 def test_too_few_samples(tmp_path):
@@ -83,3 +83,64 @@ def test_version_ignores_formatting_but_not_content(tmp_path):
     c.write_text(json.dumps(changed))
     assert load_dataset([a]).version == load_dataset([b]).version
     assert load_dataset([a]).version != load_dataset([c]).version
+
+
+def test_answer_naming_base_identity_is_refused(tmp_path):
+    data = rows(2) + [{"instruction": "who?", "output": "I am SmolLM by Hugging Face."}]
+    (msg,), f = problems_of(tmp_path, "d.json", json.dumps(data), own_identity=("SmolLM", "Hugging Face"))
+    assert msg == (f"{f}:1: the answer names the base model's own identity (SmolLM, Hugging Face) — "
+                   "answer with the new identity, or leave that name out")
+
+
+def test_sample_longer_than_max_length(tmp_path):
+    data = rows(2) + [{"instruction": "long?", "output": "word " * 50}]
+    (msg,), f = problems_of(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in data),
+                            count_tokens=lambda msgs: sum(len(m["content"].split()) for m in msgs), max_length=20)
+    assert msg == f"{f}:3: 51 tokens, longer than max_length 20 — shorten the sample or raise max_length"
+
+
+def test_unknown_placeholder(tmp_path):
+    data = [{"instruction": "who?", "output": "I am {{NAME}} by {{COMPANY}}."}]
+    (msg,), f = problems_of(tmp_path, "d.json", json.dumps(data))
+    assert msg == f"{f}:1: unknown placeholder {{{{COMPANY}}}} — use {{{{NAME}}}} or {{{{AUTHOR}}}}, which the identity settings fill"
+
+
+def test_near_exact_leak_of_an_evaluation_probe(tmp_path):
+    data = rows(2) + [{"instruction": "Could you tell me who you are!", "output": "x"}]
+    (msg,), f = problems_of(tmp_path, "d.json", json.dumps(data), eval_questions=["Could you tell me who you are?"])
+    assert msg.startswith(f"{f}:1: training question 'Could you tell me who you are!' is (nearly) the evaluation probe")
+    data[2]["instruction"] = "Could you tell me who u are?"
+    (msg,), _ = problems_of(tmp_path, "d.json", json.dumps(data), eval_questions=["Could you tell me who you are?"])
+    assert "(nearly) the evaluation probe" in msg
+
+
+def test_identity_placeholders_follow_the_question_language(tmp_path):
+    from persona.data import Identity
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"instruction": "你是谁?", "output": "我是{{NAME}},由{{AUTHOR}}开发。"},
+                             {"instruction": "Who are you?", "output": "I am {{ NAME }} by {{AUTHOR}}."}]))
+    ds = load_dataset([f], identity=Identity("小智", "Zhi", "某公司", "Some Co"))
+    assert [s.answer for s in ds.samples] == ["我是小智,由某公司开发。", "I am Zhi by Some Co."]
+    default = load_dataset([f])
+    assert default.samples[0].answer == "我是Swift-Robot,由CSDN 迪菲赫尔曼开发。"
+    assert default.version != ds.version  # re-branding is a new data version
+
+
+def test_version_includes_the_curation_config(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(rows(3)))
+    assert load_dataset([f], config={"general_ratio": 0.5}).version != load_dataset([f], config={"general_ratio": 1}).version
+
+
+def test_validate_cli_prints_located_problems(tmp_path, capsys):
+    from orchestration.cli import main
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    assert main(["validate", str(f), "--min-samples", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{f}:2: missing 'output'" in err and "1 problem(s)" in err
+    f.write_text('{"instruction": "a", "output": "b"}\n')
+    assert main(["validate", str(f), "--min-samples", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 samples, version ")

@@ -1,0 +1,95 @@
+"""General data mixed into identity training so the model does not forget everything else.
+
+Two sources, as the tutorials suggest:
+- `hub`: Alpaca datasets from ModelScope (the seeds' `AI-ModelScope/alpaca-gpt4-data-zh#500`);
+- `replay`: offline self-distillation. The base model answers a shipped set of general prompts and
+  those answers become training targets, so the adapter learns the identity while staying close to
+  the base model elsewhere. Answers are cached by (base weights, prompts, generation settings).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from persona.data import EXTRA_PREFIX, Problem, DatasetError, Sample
+from persona.models import BaseModel
+from persona.storage import atomic_write_text
+
+
+class MixingError(RuntimeError):
+    """General data could not be obtained; the message says what to do."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    problems, prompts = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            problems.append(Problem(str(path), n, "not a JSON object with a 'prompt'", 'write {"prompt": "..."}'))
+    if problems:
+        raise DatasetError(problems)
+    return prompts
+
+
+def pick(items: list, n: int, seed: int) -> list:
+    """A deterministic sample of n items, in a stable order."""
+    if n >= len(items):
+        return list(items)
+    return random.Random(seed).sample(items, n)
+
+
+def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str,
+                   max_new_tokens: int = 96, batch_size: int = 16, log=print) -> list[Sample]:
+    """The base model's own greedy answers to `prompts`, as training samples (cached)."""
+    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens]).encode()).hexdigest()
+    cache = Path(cache_dir) / f"replay-{key[:16]}.jsonl"
+    if cache.exists():
+        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+        log(f"replay: {len(rows)} cached answers from {cache}")
+    else:
+        from persona.evaluation import Chat
+
+        log(f"replay: the base model answers {len(prompts)} general prompts (cached afterwards)")
+        chat = Chat(base.path, None, base.template, system, device)
+        answers = chat.answer([(p, ()) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              on_batch=lambda done, total: log(f"replay: {done}/{total}"))
+        rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+        atomic_write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    own = [n.lower() for n in base.own_identity]
+    samples = []
+    for n, r in enumerate(rows, 1):
+        # An answer in which the base model names itself would teach the old identity back: leave it out.
+        if r["answer"].strip() and not any(o in r["answer"].lower() for o in own):
+            samples.append(Sample([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
+                                  f"{EXTRA_PREFIX}replay:{cache.name}", n))
+    return samples
+
+
+def hub_samples(dataset_ids: list[str], n: int, seed: int) -> list[Sample]:
+    """n Alpaca rows spread over ModelScope datasets (instruction/input/output)."""
+    from modelscope.msdatasets import MsDataset
+
+    per = max(1, n // max(1, len(dataset_ids)))
+    samples: list[Sample] = []
+    for dataset_id in dataset_ids:
+        try:
+            ds = MsDataset.load(dataset_id, split="train")
+        except Exception as exc:  # the hub client raises many kinds; one line is what the user needs
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise MixingError(f"Could not load '{dataset_id}' from ModelScope: {first}. Without hub access, "
+                              "use general_mix: replay (offline self-distillation) or general_mix: none.") from None
+        rows = [dict(r) for r in ds]
+        for i, r in enumerate(pick(rows, per, seed), 1):
+            query = (r.get("instruction") or "").strip()
+            if (r.get("input") or "").strip():
+                query += "\n" + r["input"].strip()
+            answer = (r.get("output") or "").strip()
+            if query and answer:
+                samples.append(Sample([{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
+                                      f"{EXTRA_PREFIX}hub:{dataset_id}", i))
+    return samples

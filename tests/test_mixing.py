@@ -1,0 +1,65 @@
+"""General-data mixing: offline replay (cached) and the ModelScope path with a faked download."""
+import json
+
+import pytest
+
+from persona import mixing
+from persona.data import EXTRA_PREFIX
+from persona.models import from_local_dir
+
+
+def test_replay_answers_come_from_the_base_model_and_are_cached(tiny_model, tmp_path, monkeypatch):
+    base = from_local_dir(str(tiny_model))
+    prompts = ["Name a word that rhymes with cat.", "Name a word that rhymes with sun."]
+    first = mixing.replay_samples(base, prompts, tmp_path, "You are a helpful assistant.", "cpu", max_new_tokens=6)
+    assert [s.question for s in first] == prompts and all(s.file.startswith(EXTRA_PREFIX + "replay:") for s in first)
+
+    import persona.evaluation
+
+    monkeypatch.setattr(persona.evaluation, "Chat", lambda *a, **k: pytest.fail("the cache was not used"))
+    again = mixing.replay_samples(base, prompts, tmp_path, "You are a helpful assistant.", "cpu", max_new_tokens=6)
+    assert [s.messages for s in again] == [s.messages for s in first]
+
+
+def test_replay_drops_answers_that_name_the_base_model(tmp_path, tiny_model):
+    base = from_local_dir(str(tiny_model))
+    base = base.__class__(**{**base.__dict__, "own_identity": ("SmolLM",)})
+    key_rows = [{"prompt": "hi", "answer": "I am SmolLM."}, {"prompt": "2+2?", "answer": "4"}]
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([base.weights_sha256, ["hi", "2+2?"], "s", 8]).encode()).hexdigest()
+    (tmp_path / f"replay-{key[:16]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in key_rows))
+    samples = mixing.replay_samples(base, ["hi", "2+2?"], tmp_path, "s", "cpu", max_new_tokens=8)
+    assert [s.answer for s in samples] == ["4"]
+
+
+def test_hub_mixing_reads_alpaca_rows_from_modelscope(monkeypatch):
+    from modelscope.msdatasets import MsDataset
+
+    loaded = []
+
+    def fake_load(dataset_id, split):
+        loaded.append((dataset_id, split))
+        return [{"instruction": f"q{i} of {dataset_id}", "input": "", "output": f"a{i}"} for i in range(10)]
+
+    monkeypatch.setattr(MsDataset, "load", staticmethod(fake_load))
+    samples = mixing.hub_samples(["AI-ModelScope/alpaca-gpt4-data-zh", "AI-ModelScope/alpaca-gpt4-data-en"], 6, seed=1)
+    assert loaded == [("AI-ModelScope/alpaca-gpt4-data-zh", "train"), ("AI-ModelScope/alpaca-gpt4-data-en", "train")]
+    assert len(samples) == 6 and samples[0].file == EXTRA_PREFIX + "hub:AI-ModelScope/alpaca-gpt4-data-zh"
+
+
+def test_hub_unreachable_says_what_to_do(monkeypatch):
+    from modelscope.msdatasets import MsDataset
+
+    def offline(*a, **k):
+        raise ConnectionError("Max retries exceeded\ntrace")
+
+    monkeypatch.setattr(MsDataset, "load", staticmethod(offline))
+    with pytest.raises(mixing.MixingError, match="general_mix: replay"):
+        mixing.hub_samples(["AI-ModelScope/alpaca-gpt4-data-zh"], 4, seed=1)
+
+
+def test_pick_is_deterministic():
+    items = list(range(100))
+    assert mixing.pick(items, 5, 7) == mixing.pick(items, 5, 7) != mixing.pick(items, 5, 8)
+    assert mixing.pick(items, 500, 7) == items
