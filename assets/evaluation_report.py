@@ -1,9 +1,9 @@
-"""`evaluation_report`: held-out questions put to the base model and to base + adapter (the tutorials' before/after table).
+"""`evaluation_report`: held-out probes put to three contenders — the base model, the base model with the identity in
+its system prompt only, and base + adapter (the tutorials' before/after and prompt-only-vs-LoRA tables).
 
-Identity score: share of identity answers that name the new identity and not the base model's own.
-General score: share of checkable questions (arithmetic, facts, code) answered correctly.
+Scores per probe kind: identity (zh/en), adversarial, multi-turn, stability (sampled answers that stay
+consistent) and general (checkable questions: arithmetic, facts, code).
 """
-
 import json
 import tempfile
 from pathlib import Path
@@ -14,11 +14,13 @@ from assets.curated_dataset import CuratedDataset
 from assets.lora_adapter import LoraAdapter
 from orchestration.config import EvaluationConfig
 from orchestration.resources import MlflowTracker
-from persona.evaluation import Chat, comparison_table, evaluate, load_probes
+from persona.data import Identity
+from persona.evaluation import (Chat, as_json, compare, comparison_table, identity_system_prompt, load_probes, metrics,
+                                scores_table)
 from persona.models import BaseModel
 
 
-@asset(group_name="persona", code_version="1", description=__doc__)
+@asset(group_name="persona", code_version="2", description=__doc__)
 def evaluation_report(
     context: AssetExecutionContext,
     config: EvaluationConfig,
@@ -30,42 +32,34 @@ def evaluation_report(
     import mlflow
 
     probes = load_probes(curated_dataset.probes_path)
+    identity = Identity(**lora_adapter.identity)
     chat = Chat(base_model.path, lora_adapter.path, base_model.template, lora_adapter.system, lora_adapter.device)
-    kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-              on_batch=lambda done, total: context.log.info(f"answered {done}/{total} probes"))
-    context.log.info(f"Asking {len(probes)} probes to the base model, then to base + adapter")
-    before = evaluate(chat, probes, base_model.own_identity, use_adapter=False, **kw)
-    after = evaluate(chat, probes, base_model.own_identity, use_adapter=True, **kw)
-    table = comparison_table(before, after)
-    scores = {
-        "eval/identity_score_before": before.identity,
-        "eval/identity_score_after": after.identity,
-        "eval/general_score_before": before.general,
-        "eval/general_score_after": after.general,
-    }
-    report = {
-        "scores": scores,
-        "by_kind": {"before": before.by_kind, "after": after.by_kind},
-        "answers": [{"kind": b.probe.kind, "question": b.probe.question, "before": b.text, "after": a.text,
-                     "passed_before": b.passed, "passed_after": a.passed}
-                    for b, a in zip(before.answers, after.answers)],
-        "table_markdown": table,
-        "adapter": lora_adapter.path,
-        "mlflow_run_id": lora_adapter.mlflow_run_id,
-    }
+    context.log.info(f"Asking {len(probes)} probes to the base model, to the prompt-only variant and to base + adapter")
+    results = compare(chat, probes, base_model.own_identity, identity_system_prompt(identity, lora_adapter.system),
+                      max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                      stability_samples=config.stability_samples,
+                      on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
+    scores = metrics(results)
+    kinds_table, answers_table = scores_table(results), comparison_table(results)
+    report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,
+              "kinds_markdown": kinds_table, "adapter": lora_adapter.path, "mlflow_run_id": lora_adapter.mlflow_run_id,
+              "answers": {name: [{"kind": a.probe.kind, "question": a.probe.question, "answer": a.text,
+                                  "passed": a.passed} for a in s.answers] for name, s in results.items()}}
     with mlflow_tracker.run(run_id=lora_adapter.mlflow_run_id):
         mlflow.log_metrics(scores)
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "evaluation.md").write_text(table + "\n", encoding="utf-8")
+            Path(tmp, "evaluation.md").write_text(kinds_table + "\n\n" + answers_table + "\n", encoding="utf-8")
             Path(tmp, "evaluation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
+    contract = {k.split("/")[1]: round(v, 3) for k, v in scores.items() if "_score_" in k}
     return Output(
         report,
         metadata={
-            **{k.split("/")[1]: round(v, 3) for k, v in scores.items()},
+            **contract,
             "probes": len(probes),
-            "before_after": MetadataValue.md(table),
+            "scores_by_kind": MetadataValue.md(kinds_table),
+            "before_after": MetadataValue.md(answers_table),
             "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(lora_adapter.mlflow_run_id)),
         },
     )

@@ -4,7 +4,9 @@ One MLflow run per materialization: every resolved hyperparameter, the loss curv
 """
 
 import math
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
@@ -25,6 +27,10 @@ class LoraAdapter:
     device: str
     system: str
     dataset_version: str
+    identity: dict = field(default_factory=dict)  # the Identity fields it was trained for
+
+
+MANIFEST = "persona_adapter.json"  # written last: its presence marks a complete adapter
 
 
 @asset(group_name="persona", code_version="1", description=__doc__)
@@ -73,7 +79,13 @@ def lora_adapter(
         })
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
 
-    adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version)
+    curation = json.loads(Path(curated_dataset.path).with_name("curation.json").read_text(encoding="utf-8"))
+    identity = {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
+    adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version, identity)
+    Path(result.adapter_dir, MANIFEST).write_text(json.dumps(
+        {**asdict(adapter), "base_model": base_model.path, "template": base_model.template,
+         "dataset_probes": curated_dataset.probes_path}, indent=2,
+        ensure_ascii=False), encoding="utf-8")
     return Output(
         adapter,
         metadata={

@@ -9,23 +9,38 @@ from assets.curated_dataset import CuratedDataset, curated_dataset
 from assets.evaluation_report import evaluation_report
 from persona.data import Dataset, Problem, normalize_question, read_file
 from persona.evaluation import load_probes
+from persona.promotion import Thresholds
 
-IDENTITY_TARGET = 0.8
+GATE = Thresholds()  # the defaults of the promotion gate (PromotionConfig); these checks warn, the gate decides
 
 
-@asset_check(asset=evaluation_report, description=f"The adapter names the new identity on ≥ {IDENTITY_TARGET:.0%} of held-out identity questions.")
+@asset_check(asset=evaluation_report,
+             description=f"The adapter names the new identity on ≥ {GATE.min_identity:.0%} of held-out identity questions.")
 def identity_learned(evaluation_report: dict) -> AssetCheckResult:
     after = evaluation_report["scores"]["eval/identity_score_after"]
-    return AssetCheckResult(passed=after >= IDENTITY_TARGET, severity=AssetCheckSeverity.WARN,
-                            metadata={"identity_score_after": after, "target": IDENTITY_TARGET})
+    return AssetCheckResult(passed=after >= GATE.min_identity, severity=AssetCheckSeverity.WARN,
+                            metadata={"identity_score_after": after, "threshold": GATE.min_identity})
 
 
-@asset_check(asset=evaluation_report, description="The adapter answers the checkable general questions no worse than the base model.")
+@asset_check(asset=evaluation_report,
+             description=f"The adapter keeps its identity against ≥ {GATE.min_adversarial:.0%} of adversarial prompts.")
+def adversarial_resisted(evaluation_report: dict) -> AssetCheckResult:
+    score = evaluation_report["scores"].get("eval/adversarial_adapter")
+    if score is None:
+        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata={"note": "no adversarial probes"})
+    return AssetCheckResult(passed=score >= GATE.min_adversarial, severity=AssetCheckSeverity.WARN,
+                            metadata={"adversarial_adapter": score, "threshold": GATE.min_adversarial})
+
+
+@asset_check(asset=evaluation_report,
+             description=f"The adapter keeps ≥ {GATE.min_general_retention:.0%} of the base model's general score.")
 def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
     s = evaluation_report["scores"]
     before, after = s["eval/general_score_before"], s["eval/general_score_after"]
-    return AssetCheckResult(passed=after >= before, severity=AssetCheckSeverity.WARN,
-                            metadata={"general_score_before": before, "general_score_after": after})
+    retention = after / before if before else 1.0
+    return AssetCheckResult(passed=retention >= GATE.min_general_retention, severity=AssetCheckSeverity.WARN,
+                            metadata={"general_score_before": before, "general_score_after": after,
+                                      "retention": retention, "threshold": GATE.min_general_retention})
 
 
 @asset_check(asset=curated_dataset, blocking=True,

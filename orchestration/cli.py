@@ -1,7 +1,8 @@
-"""The `persona` command: run the pipeline, check data files."""
+"""The `persona` command: run the pipeline, check data files, evaluate, ask and chat with adapters."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,20 +36,25 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nThe run stopped after {took:.0f} s; earlier datasets, adapters and MLflow runs are untouched.",
               file=sys.stderr)
         return 1
-    times = {}
-    for event in result.all_events:
-        if event.event_type_value == "STEP_SUCCESS":
-            times[event.step_key] = event.event_specific_data.duration_ms / 1000
+    _print_report(result, took)
+    return 0
+
+
+def _print_report(result, took: float) -> None:
+    times = {e.step_key: e.event_specific_data.duration_ms / 1000
+             for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
     report = result.output_for_node("evaluation_report")
+    decision = result.output_for_node("champion")
     s = report["scores"]
-    print("\n" + report["table_markdown"] + "\n")
+    print("\n" + report["table_markdown"] + "\n\n" + report["kinds_markdown"] + "\n")
     print(f"identity score: {s['eval/identity_score_before']:.2f} → {s['eval/identity_score_after']:.2f}   "
           f"general score: {s['eval/general_score_before']:.2f} → {s['eval/general_score_after']:.2f}")
-    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; pipeline {took:.0f}")
+    print(f"champion:    {'promoted' if decision['promoted'] else 'unchanged'} — {'; '.join(decision['reasons'])}")
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if "." not in k and "_is_" not in k)
+          + f"; pipeline {took:.0f}")
     print(f"adapter:     {report['adapter']}")
-    print(f"MLflow run:  {report['mlflow_run_id']}  (make ui, then open http://127.0.0.1:5000)")
-    print(f"Dagster run: {result.run_id}  (make ui, then open http://127.0.0.1:3000)")
-    return 0
+    print(f"MLflow run:  {report['mlflow_run_id']}  (open the MLflow UI: see README)")
+    print(f"Dagster run: {result.run_id}  (open the Dagster UI: see README)")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -69,6 +75,86 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter(args: argparse.Namespace) -> tuple[dict, str]:
+    """The adapter's manifest and folder: --adapter, or the newest complete one under outputs/adapters."""
+    from assets.lora_adapter import MANIFEST
+    from orchestration.resources import Workspace
+
+    if args.adapter:
+        folder = Path(args.adapter)
+        if not (folder / MANIFEST).exists():
+            raise SystemExit(f"{folder}: not a persona adapter (no {MANIFEST}); pass a folder under outputs/adapters/")
+    else:
+        done = sorted(Workspace().output("adapters").glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
+        if not done:
+            raise SystemExit("No adapter yet: run `make run` (or `persona run`) first, or pass --adapter DIR.")
+        folder = done[-1].parent
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8")), str(folder)
+
+
+def _chat(args: argparse.Namespace, manifest: dict, folder: str):
+    from persona.evaluation import Chat
+
+    return Chat(manifest["base_model"], folder, manifest["template"], manifest["system"], manifest["device"])
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from persona.data import DatasetError, Identity
+    from persona.evaluation import as_json, compare, comparison_table, identity_system_prompt, load_probes, scores_table
+    from persona.models import BaseModel
+
+    manifest, folder = _adapter(args)
+    identity = Identity(**manifest.get("identity", {}))
+    cases = Path(args.cases) if args.cases else Path(manifest["dataset_probes"])
+    try:
+        probes = [p.filled(identity) for p in load_probes(cases)]
+    except DatasetError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    own = BaseModel.from_dir(manifest["base_model"]).own_identity
+    results = compare(_chat(args, manifest, folder), probes, own, identity_system_prompt(identity, manifest["system"]),
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(as_json(results), ensure_ascii=False, indent=2))
+    else:
+        print(comparison_table(results) + "\n\n" + scores_table(results))
+        print(f"\nadapter: {folder}\ncases:   {cases}")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    manifest, folder = _adapter(args)
+    (answer,) = _chat(args, manifest, folder).answer([(args.question, ())], max_new_tokens=args.max_new_tokens)
+    print(answer)
+    return 0
+
+
+def _chat_loop(args: argparse.Namespace) -> int:
+    manifest, folder = _adapter(args)
+    chat = _chat(args, manifest, folder)
+    print(f"Chatting with {folder} (empty line or Ctrl-D to quit, /clear to forget the conversation)")
+    history: list[dict] = []
+    while True:
+        try:
+            question = input("<<< ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not question:
+            return 0
+        if question == "/clear":
+            history = []
+            continue
+        history.append({"role": "user", "content": question})
+        print(">>> ", end="", flush=True)
+        parts = []
+        for piece in chat.stream(history, max_new_tokens=args.max_new_tokens):
+            parts.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="persona", description="Give an open LLM a new identity with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens for the max-length check")
     val.add_argument("--max-length", type=int, default=512)
     val.set_defaults(func=_validate)
+    for name, func, text in (("evaluate", _evaluate, "probe base, prompt-only and adapter; print a table or JSON"),
+                             ("ask", _ask, "one answer from the adapter, for scripts"),
+                             ("chat", _chat_loop, "streamed interactive chat with the adapter")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--adapter", help="adapter folder (default: the newest under outputs/adapters)")
+        cmd.add_argument("--max-new-tokens", type=int, default=48 if name == "evaluate" else 256)
+        if name == "evaluate":
+            cmd.add_argument("--cases", help="probe file (JSONL: kind, question, expect_any, ...); default: the "
+                                             "adapter's own held-out probes")
+            cmd.add_argument("--json", action="store_true", help='print {"base": {kind: score}, "prompt_only": ..., "adapter": ...}')
+            cmd.add_argument("--batch-size", type=int, default=32)
+        if name == "ask":
+            cmd.add_argument("question")
+        cmd.set_defaults(func=func)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -73,5 +73,19 @@ class TrainingConfig(Config):
 
 
 class EvaluationConfig(Config):
-    max_new_tokens: int = Field(default=64, description="Answer length limit per probe.")
-    batch_size: int = Field(default=16, description="Probes generated together (left-padded, greedy).")
+    max_new_tokens: int = Field(default=48, description="Answer length limit per probe.")
+    batch_size: int = Field(default=32, description="Probes generated together (left-padded).")
+    stability_samples: int = Field(default=5, description="Sampled answers (temperature 0.7) per stability probe.")
+
+
+class PromotionConfig(Config):
+    """The gate an adapter passes to become the champion (MLflow Model Registry alias `champion`)."""
+
+    min_identity: float = 0.8
+    min_adversarial: float = 0.5
+    min_general_retention: float = Field(default=0.9, description="Adapter's general score / base model's.")
+
+    def thresholds(self):
+        from persona.promotion import Thresholds
+
+        return Thresholds(self.min_identity, self.min_adversarial, self.min_general_retention)

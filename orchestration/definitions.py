@@ -4,21 +4,23 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets.base_model import base_model
+from assets.champion import champion
 from assets.curated_dataset import curated_dataset
 from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
-from orchestration.checks import curated_dataset_is_intact, general_ability_kept, identity_learned
+from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
+                                  identity_learned)
 from orchestration.resources import MlflowTracker, ModelHub, Workspace
 
 train_persona = define_asset_job(
     "train_persona",
-    selection=AssetSelection.assets(base_model, curated_dataset, lora_adapter, evaluation_report),
-    description="Base model → curated dataset → LoRA adapter → before/after evaluation.",
+    selection=AssetSelection.assets(base_model, curated_dataset, lora_adapter, evaluation_report, champion),
+    description="Base model → curated dataset → LoRA adapter → evaluation → champion (promotion gate).",
 )
 
 defs = Definitions(
-    assets=[base_model, curated_dataset, lora_adapter, evaluation_report],
-    asset_checks=[curated_dataset_is_intact, identity_learned, general_ability_kept],
+    assets=[base_model, curated_dataset, lora_adapter, evaluation_report, champion],
+    asset_checks=[curated_dataset_is_intact, identity_learned, adversarial_resisted, general_ability_kept],
     jobs=[train_persona],
     resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker()},
 )

@@ -12,6 +12,7 @@ from pydantic import Field
 from persona.models import BaseModel, resolve_base_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHAMPION = "champion"
 
 
 def _home(*parts: str) -> str:
@@ -46,6 +47,7 @@ class MlflowTracker(ConfigurableResource):
     tracking_uri: str = Field(default_factory=lambda: "sqlite:///" + _home("mlruns", "mlflow.db"))
     artifact_root: str = Field(default_factory=lambda: _home("mlruns", "artifacts"))
     experiment: str = "persona"
+    registered_model: str = Field(default="persona-adapter", description="Model Registry name; alias 'champion'.")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `make ui` serves the MLflow UI.")
 
     def client(self):
@@ -77,3 +79,31 @@ class MlflowTracker(ConfigurableResource):
     def run_url(self, run_id: str) -> str:
         run = self.client().get_run(run_id)
         return f"{self.ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+    # --- Model Registry: adapter-only versions, the `champion` alias ------------------------------
+
+    def champion(self):
+        """(model version, its run's metrics) for the alias `champion`, or None."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            version = client.get_model_version_by_alias(self.registered_model, CHAMPION)
+        except MlflowException:
+            return None
+        return version, client.get_run(version.run_id).data.metrics
+
+    def promote(self, run_id: str, description: str) -> str:
+        """Register the run's `adapter/` artifacts (not the base weights) and move `champion` to them."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.create_registered_model(self.registered_model, description="LoRA adapters trained by persona "
+                                           "(adapter weights only; the base model is recorded in each run's params).")
+        except MlflowException:
+            pass  # exists already
+        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/adapter"
+        version = client.create_model_version(self.registered_model, source, run_id=run_id, description=description)
+        client.set_registered_model_alias(self.registered_model, CHAMPION, version.version)
+        return version.version

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from persona.data import PLACEHOLDER, DatasetError, Identity, Problem, language
 
@@ -100,6 +100,11 @@ def passes(answer: str, expect_any: Iterable[str], forbid_any: Iterable[str] = (
     return any(e.lower() in low for e in expect_any) and not any(f.lower() in low for f in forbid_any)
 
 
+CONTENDERS = ("base", "prompt_only", "adapter")
+CONTENDER_TITLES = {"base": "base model", "prompt_only": "identity in system prompt only", "adapter": "LoRA adapter"}
+STABILITY_TEMPERATURE = 0.7
+
+
 @dataclass
 class Answer:
     probe: Probe
@@ -112,15 +117,17 @@ class Scores:
     answers: list[Answer]
     by_kind: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def identity(self) -> float:
-        hits = [a.passed for a in self.answers if a.probe.kind.startswith("identity")]
+    def _share(self, pred) -> float:
+        hits = [a.passed for a in self.answers if pred(a.probe.kind)]
         return sum(hits) / len(hits) if hits else float("nan")
 
     @property
+    def identity(self) -> float:
+        return self._share(lambda k: k.startswith("identity"))
+
+    @property
     def general(self) -> float:
-        hits = [a.passed for a in self.answers if a.probe.kind == "general"]
-        return sum(hits) / len(hits) if hits else float("nan")
+        return self._share(lambda k: k == "general")
 
 
 def score(probes: list[Probe], answers: list[str], own_identity: Iterable[str] = ()) -> Scores:
@@ -135,8 +142,14 @@ def score(probes: list[Probe], answers: list[str], own_identity: Iterable[str] =
     return Scores(out, {k: sum(v) / len(v) for k, v in kinds.items()})
 
 
+def identity_system_prompt(identity: Identity, base_system: str = "You are a helpful assistant.") -> str:
+    """The tutorials' 'prompt-only' alternative: the identity stated in the system prompt, no training."""
+    return (f"{base_system} You are {identity.name_en}, a large language model developed and maintained by "
+            f"{identity.author_en}. 你是 {identity.name_zh},由 {identity.author_zh} 开发和维护的大语言模型。")
+
+
 class Chat:
-    """A base model, optionally with a LoRA adapter, that answers batches of questions greedily."""
+    """A base model, optionally with a LoRA adapter, that answers batches of questions."""
 
     def __init__(self, model_dir: str, adapter_dir: str | None = None, template: str | None = "chatml",
                  system: str = "You are a helpful assistant.", device: str = "cpu"):
@@ -159,51 +172,121 @@ class Chat:
         end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = [i for i in {self.tok.eos_token_id, end} if isinstance(i, int) and i >= 0]
 
-    def prompt(self, question: str, history: Iterable[dict] = ()) -> str:
-        msgs = [{"role": "system", "content": self.system}, *history, {"role": "user", "content": question}]
+    def prompt(self, question: str, history: Iterable[dict] = (), system: str | None = None) -> str:
+        msgs = [{"role": "system", "content": system or self.system}, *history, {"role": "user", "content": question}]
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-    def answer(self, questions: list[tuple[str, tuple]], max_new_tokens: int = 64, batch_size: int = 16,
-               use_adapter: bool = True, on_batch: Callable[[int, int], None] | None = None) -> list[str]:
-        """Greedy answers; with `use_adapter=False` a loaded adapter is bypassed (the base model answers)."""
+    def _bypass(self, use_adapter: bool):
         import contextlib
 
-        bypass = self.model.disable_adapter() if self.has_adapter and not use_adapter else contextlib.nullcontext()
-        with bypass:
-            return self._answer(questions, max_new_tokens, batch_size, on_batch)
+        return self.model.disable_adapter() if self.has_adapter and not use_adapter else contextlib.nullcontext()
 
-    def _answer(self, questions, max_new_tokens, batch_size, on_batch) -> list[str]:
+    def answer(self, questions: list[tuple[str, tuple]], max_new_tokens: int = 64, batch_size: int = 16,
+               use_adapter: bool = True, system: str | None = None, temperature: float = 0.0, seed: int = 0,
+               on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+        """Answers, greedy unless `temperature` > 0; `use_adapter=False` bypasses a loaded adapter."""
         import torch
 
+        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        if temperature > 0:
+            torch.manual_seed(seed)
         out: list[str] = []
-        for start in range(0, len(questions), batch_size):
-            chunk = questions[start:start + batch_size]
-            texts = [self.prompt(q, h) for q, h in chunk]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
-                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
-            if on_batch:
-                on_batch(min(start + batch_size, len(questions)), len(questions))
+        with self._bypass(use_adapter):
+            for start in range(0, len(questions), batch_size):
+                chunk = questions[start:start + batch_size]
+                texts = [self.prompt(q, h, system) for q, h in chunk]
+                enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                with torch.inference_mode():
+                    gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                              pad_token_id=self.tok.pad_token_id, **sampling)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+                if on_batch:
+                    on_batch(min(start + batch_size, len(questions)), len(questions))
         return out
 
+    def stream(self, messages: list[dict], max_new_tokens: int = 512) -> Iterator[str]:
+        """Yield the answer to a conversation piece by piece, as `swift infer --stream true` does."""
+        import threading
 
-def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), **kw) -> Scores:
-    answers = chat.answer([(p.question, p.history) for p in probes], **kw)
-    return score(probes, answers, own_identity)
+        from transformers import TextIteratorStreamer
+
+        text = self.tok.apply_chat_template([{"role": "system", "content": self.system}, *messages], tokenize=False,
+                                            add_generation_prompt=True)
+        enc = self.tok([text], return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_ids,
+                      pad_token_id=self.tok.pad_token_id, streamer=streamer)
+        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
 
 
-def comparison_table(before: Scores, after: Scores, limit: int = 200) -> str:
-    """The tutorials' side-by-side table: question | before | after, one row per probe."""
+def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 5,
+             **kw) -> Scores:
+    """Greedy answers for every probe; `stability` probes are sampled N times at temperature 0.7 instead."""
+    fixed = [p for p in probes if p.kind != "stability"]
+    sampled = [p for p in probes if p.kind == "stability" for _ in range(stability_samples)]
+    answers = chat.answer([(p.question, p.history) for p in fixed], **kw)
+    if sampled:
+        answers += chat.answer([(p.question, p.history) for p in sampled], temperature=STABILITY_TEMPERATURE, **kw)
+    return score(fixed + sampled, answers, own_identity)
+
+
+def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identity_prompt: str,
+            **kw) -> dict[str, Scores]:
+    """The three contenders on the same probes: base, base with the identity in its system prompt, base + adapter."""
+    results = {
+        "base": evaluate(chat, probes, own_identity, use_adapter=False, **kw),
+        "prompt_only": evaluate(chat, probes, own_identity, use_adapter=False, system=identity_prompt, **kw),
+    }
+    if chat.has_adapter:
+        results["adapter"] = evaluate(chat, probes, own_identity, use_adapter=True, **kw)
+    return results
+
+
+def metrics(results: dict[str, Scores]) -> dict[str, float]:
+    """MLflow metrics: eval/<kind>_<contender>, and the before/after contract (before = base, after = adapter)."""
+    out = {f"eval/{kind}_{name}": v for name, s in results.items() for kind, v in s.by_kind.items()}
+    for when, name in (("before", "base"), ("after", "adapter")):
+        if name in results:
+            out[f"eval/identity_score_{when}"] = results[name].identity
+            out[f"eval/general_score_{when}"] = results[name].general
+    return {k: v for k, v in out.items() if v == v}  # drop NaN (a kind with no probes)
+
+
+def as_json(results: dict[str, Scores]) -> dict[str, dict[str, float]]:
+    return {name: dict(sorted(s.by_kind.items())) for name, s in results.items()}
+
+
+def scores_table(results: dict[str, Scores]) -> str:
+    """The tutorials' comparison: one row per probe kind, one column per contender."""
+    names = list(results)
+    kinds = sorted({k for s in results.values() for k in s.by_kind})
+    rows = ["| kind | " + " | ".join(CONTENDER_TITLES[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in kinds:
+        rows.append(f"| {k} | " + " | ".join(f"{results[n].by_kind.get(k, float('nan')):.2f}" for n in names) + " |")
+    return "\n".join(rows)
+
+
+def comparison_table(results: dict[str, Scores], limit: int = 160) -> str:
+    """The tutorials' side-by-side answers: question | base | prompt-only | adapter, one row per probe."""
 
     def cell(a: Answer) -> str:
         text = " ".join(a.text.split()).replace("|", "\\|")
         text = text if len(text) <= limit else text[: limit - 1] + "…"
         return f"{'✅' if a.passed else '❌'} {text}"
 
-    rows = ["| kind | question | before | after |", "|---|---|---|---|"]
-    for b, a in zip(before.answers, after.answers, strict=True):
-        rows.append(f"| {b.probe.kind} | {b.probe.question} | {cell(b)} | {cell(a)} |")
+    names = list(results)
+    rows = ["| kind | question | " + " | ".join(CONTENDER_TITLES[n] for n in names) + " |",
+            "|---|---" + "|---" * len(names) + "|"]
+    seen = set()
+    for i, first in enumerate(results[names[0]].answers):
+        key = (first.probe.kind, first.probe.question)
+        if key in seen:  # a stability probe's repeated samples: show the first
+            continue
+        seen.add(key)
+        rows.append(f"| {first.probe.kind} | {first.probe.question} | "
+                    + " | ".join(cell(results[n].answers[i]) for n in names) + " |")
     return "\n".join(rows)

@@ -7,12 +7,14 @@ from orchestration.definitions import defs
 def test_definitions_load_with_lineage():
     graph = defs.resolve_asset_graph()
     keys = {k.path[-1] for k in graph.get_all_asset_keys()}
-    assert keys == {"base_model", "curated_dataset", "lora_adapter", "evaluation_report"}
+    assert keys == {"base_model", "curated_dataset", "lora_adapter", "evaluation_report", "champion"}
     parents = lambda name: {k.path[-1] for k in graph.get(AssetKey(name)).parent_keys}
     assert parents("curated_dataset") == {"base_model"}
     assert parents("lora_adapter") == {"base_model", "curated_dataset"}
     assert parents("evaluation_report") == {"base_model", "curated_dataset", "lora_adapter"}
-    assert {c.name for c in graph.asset_check_keys} >= {"identity_learned", "general_ability_kept"}
+    assert parents("champion") == {"evaluation_report", "lora_adapter"}
+    assert {c.name for c in graph.asset_check_keys} >= {"curated_dataset_is_intact", "identity_learned",
+                                                        "adversarial_resisted", "general_ability_kept"}
     assert defs.resolve_job_def("train_persona") is not None
 
 
@@ -27,4 +29,5 @@ def test_shipped_data_is_valid_and_held_out():
     for s in ds.samples:
         langs["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in s.question) else "en"] += 1
     assert min(langs.values()) >= 20
-    assert {p.kind for p in probes} >= {"identity_zh", "identity_en", "general"}
+    assert {p.kind for p in probes} >= {"identity_zh", "identity_en", "general", "adversarial", "multi_turn", "stability"}
+    assert sum(p.kind == "general" for p in probes) >= 30

@@ -7,13 +7,15 @@ import pytest
 from dagster import materialize
 
 from assets.base_model import base_model
+from assets.champion import champion
 from assets.curated_dataset import curated_dataset
 from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
-from orchestration.checks import curated_dataset_is_intact, general_ability_kept, identity_learned
+from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
+                                  identity_learned)
 
-ASSETS = [base_model, curated_dataset, lora_adapter, evaluation_report, curated_dataset_is_intact, identity_learned,
-          general_ability_kept]
+ASSETS = [base_model, curated_dataset, lora_adapter, evaluation_report, champion, curated_dataset_is_intact,
+          identity_learned, adversarial_resisted, general_ability_kept]
 STEP_METRICS = ["train/loss", "train/learning_rate", "train/grad_norm"]
 SUMMARY_METRICS = ["train/seconds", "train/peak_memory_gib", "train/tokens_per_second",
                    "eval/identity_score_before", "eval/identity_score_after",
@@ -35,7 +37,7 @@ def mlflow_runs(resources) -> list:
     return mlflow.search_runs(experiment_names=[tracker.experiment], output_format="list")
 
 
-def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources):
+def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, capsys):
     result = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
     assert result.success
 
@@ -52,7 +54,10 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources):
     samples = mats["curated_dataset"]["samples"].value
     assert 22 < samples <= 22 + 11  # identity rows plus replay answers (general_ratio 0.5)
     assert mats["lora_adapter"]["global_step"].value == -(-samples // 2) * 3  # batch 2, 3 epochs
-    assert "| question | before | after |" in mats["evaluation_report"]["before_after"].value
+    assert "| kind | question | base model | identity in system prompt only | LoRA adapter |" in \
+        mats["evaluation_report"]["before_after"].value
+    decision = result.output_for_node("champion")
+    assert decision["candidate_run_id"] == adapter.mlflow_run_id and decision["reasons"]
     assert mats["evaluation_report"]["mlflow_run"].value.endswith(adapter.mlflow_run_id)
 
     (run,) = mlflow_runs(resources)
@@ -63,6 +68,8 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources):
     assert params["base_model"] == str(tiny_model.resolve())
     assert params["dataset_version"] == result.output_for_node("curated_dataset").version
     assert set(SUMMARY_METRICS) <= set(run.data.metrics)
+    assert {"eval/identity_en_base", "eval/identity_en_prompt_only", "eval/identity_en_adapter",
+            "eval/general_adapter"} <= set(run.data.metrics)
     client = mlflow.MlflowClient()
     for name in STEP_METRICS:
         assert len(client.get_metric_history(run.info.run_id, name)) >= 5, name
@@ -70,6 +77,19 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources):
     assert {"adapter", "evaluation"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
         "evaluation/evaluation.md", "evaluation/evaluation.json"}
+
+    # The CLI evaluates any probe file against any adapter the pipeline produced.
+    from orchestration.cli import main
+
+    cases = home / "cases.jsonl"
+    cases.write_text(json.dumps({"kind": "general", "question": "What is 2 + 3?", "expect_any": ["5"]}) + "\n"
+                     + json.dumps({"kind": "identity_en", "question": "Who made you?", "expect_any": ["{{AUTHOR}}"]}) + "\n")
+    assert main(["evaluate", "--adapter", adapter.path, "--cases", str(cases), "--json", "--max-new-tokens", "8"]) == 0
+    shape = json.loads(capsys.readouterr().out)
+    assert set(shape) == {"base", "prompt_only", "adapter"}
+    assert all(set(v) == {"general", "identity_en"} and all(0 <= x <= 1 for x in v.values()) for v in shape.values())
+    assert main(["ask", "Who are you?", "--max-new-tokens", "4"]) == 0  # the newest adapter by default
+    assert capsys.readouterr().out.strip() != ""
 
     # A malformed dataset: located error, training never starts, nothing earlier is touched.
     adapter_before = {p.name: p.read_bytes() for p in Path(adapter.path).iterdir()}

@@ -1,0 +1,34 @@
+"""`champion`: the promotion decision. The evaluated adapter takes the MLflow Model Registry alias `champion` only
+when it passes the gate (thresholds, and better than the current champion); otherwise the champion stays and
+the metadata says why.
+"""
+from dagster import AssetExecutionContext, MetadataValue, Output, asset
+
+from assets.lora_adapter import LoraAdapter
+from orchestration.config import PromotionConfig
+from orchestration.resources import MlflowTracker
+from persona.promotion import Candidate, decide
+
+
+@asset(group_name="persona", code_version="1", description=__doc__)
+def champion(context: AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
+             lora_adapter: LoraAdapter, mlflow_tracker: MlflowTracker) -> Output[dict]:
+    candidate = Candidate.from_metrics(evaluation_report["scores"])
+    current = mlflow_tracker.champion()
+    holder = Candidate.from_metrics(current[1]) if current else None
+    decision = decide(candidate, holder, config.thresholds())
+    context.log.info(str(decision))
+    if decision.promote:
+        version = mlflow_tracker.promote(lora_adapter.mlflow_run_id, str(decision))
+        run_id = lora_adapter.mlflow_run_id
+    else:
+        version = current[0].version if current else None
+        run_id = current[0].run_id if current else None
+    result = {"promoted": decision.promote, "reasons": list(decision.reasons), "champion_version": version,
+              "champion_run_id": run_id, "candidate_run_id": lora_adapter.mlflow_run_id}
+    return Output(result, metadata={
+        "promoted": decision.promote,
+        "decision": str(decision),
+        "champion_version": str(version),
+        "champion_run": MetadataValue.url(mlflow_tracker.run_url(run_id)) if run_id else "none",
+    })

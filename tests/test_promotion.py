@@ -1,0 +1,64 @@
+"""The promotion gate and the MLflow Model Registry alias `champion`."""
+import mlflow
+
+from persona.promotion import Candidate, Thresholds, decide
+
+
+def cand(identity=0.9, general=0.6, general_base=0.6, adversarial=0.8):
+    return Candidate(identity, general, general_base, adversarial)
+
+
+def test_thresholds():
+    assert decide(cand(), None).promote
+    assert decide(cand(identity=0.5), None).reasons == ("identity 0.50 < 0.80",)
+    assert decide(cand(adversarial=0.2), None).reasons == ("adversarial 0.20 < 0.50",)
+    assert decide(cand(general=0.3), None).reasons == ("general retention 0.50 < 0.90",)
+    assert decide(cand(identity=0.7), None, Thresholds(min_identity=0.6)).promote
+
+
+def test_must_beat_the_champion_without_losing_general_ability():
+    champ = cand(identity=0.9, general=0.6)
+    assert decide(cand(identity=1.0, general=0.6), champ).promote
+    assert decide(cand(identity=0.9, general=0.65, general_base=0.6), champ).promote
+    assert not decide(cand(identity=0.9, general=0.6), champ).promote  # a tie does not beat it
+    worse = decide(cand(identity=1.0, general=0.55, general_base=0.6), champ)
+    assert not worse.promote and "general 0.55 < champion's 0.60" in str(worse)
+
+
+def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, tmp_path):
+    """Through the real asset and a real (SQLite) Model Registry."""
+    from dagster import build_asset_context
+
+    from assets.champion import champion
+    from assets.lora_adapter import LoraAdapter
+    from orchestration.config import PromotionConfig
+
+    tracker = resources["mlflow_tracker"]
+
+    def trained(scores: dict) -> tuple[dict, LoraAdapter]:
+        with tracker.run() as run:
+            adapter_dir = tmp_path / run.info.run_id
+            adapter_dir.mkdir()
+            (adapter_dir / "adapter_config.json").write_text("{}")
+            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+            mlflow.log_metrics(scores)
+        return {"scores": scores}, LoraAdapter(str(adapter_dir), run.info.run_id, "cpu", "s", "v")
+
+    def promote(report, adapter):
+        return champion(build_asset_context(), config=PromotionConfig(), evaluation_report=report,
+                        lora_adapter=adapter, mlflow_tracker=tracker).value
+
+    good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
+            "eval/adversarial_adapter": 0.8}
+    first = promote(*trained(good))
+    assert first["promoted"] and str(first["champion_version"]) == "1"
+    version, _ = tracker.champion()
+    assert version.run_id == first["candidate_run_id"]
+    assert version.source.endswith("/adapter")  # adapter-only artifacts
+
+    worse = promote(*trained({**good, "eval/identity_score_after": 0.85}))
+    assert not worse["promoted"] and "does not beat the champion" in " ".join(worse["reasons"])
+    assert tracker.champion()[0].run_id == first["candidate_run_id"]
+
+    better = promote(*trained({**good, "eval/identity_score_after": 1.0}))
+    assert better["promoted"] and tracker.champion()[0].run_id == better["candidate_run_id"]
