@@ -1,7 +1,15 @@
-"""LoRA hyperparameters: the seed tutorial's values on a GPU, a recipe that really teaches a 135M model on a CPU."""
+"""LoRA hyperparameters: a fast GPU default, the seed tutorial's values on request, a recipe that really teaches a
+135M model on a CPU.
+
+Recipe selection: `default_recipe(device, name)`. `name` is "fast" (the default) or "seed"; when it is not given,
+the environment variable PERSONA_RECIPE decides, so a launcher can pick the seed recipe without code changes.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
+
+RECIPE_ENV = "PERSONA_RECIPE"
 
 
 @dataclass(frozen=True)
@@ -20,11 +28,35 @@ class Recipe:
     warmup_ratio: float = 0.05
     logging_steps: int = 5
     seed: int = 42
+    # Speed knobs. They change how the same optimization is computed, not what is optimized.
+    lora_dropout: float = 0.05               # ms-swift's default, written out so runs record it
+    use_liger_kernel: bool = False           # Liger's Triton kernels, those named in liger_kernels
+    liger_kernels: tuple[str, ...] = ("fused_linear_cross_entropy",)  # or ("all",): also RoPE, RMSNorm, SwiGLU
+    attn_impl: str | None = None             # None: transformers' default (sdpa); 'flash_attn' needs flash-attn
+    padding_free: bool = False               # needs a flash attention implementation (ms-swift checks)
+    use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
+    dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples per optimizer step on one device: the quantity the seed's lr schedule is tuned for."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     def as_params(self) -> dict:
         d = asdict(self)
         d["target_modules"] = ",".join(self.target_modules)
+        d["liger_kernels"] = ",".join(self.liger_kernels)
         return d
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Recipe":
+        """The inverse of as_params (fields it does not know, e.g. a run's world_size, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in params.items() if k in known}
+        for key in ("target_modules", "liger_kernels"):
+            if isinstance(d.get(key), str):
+                d[key] = tuple(x for x in d[key].split(",") if x)
+        return cls(**d)
 
     def with_overrides(self, **overrides) -> "Recipe":
         known = {f.name for f in fields(self)}
@@ -32,12 +64,16 @@ class Recipe:
         if unknown:
             raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
         clean = {k: v for k, v in overrides.items() if v is not None}
-        if "target_modules" in clean:
-            clean["target_modules"] = tuple(clean["target_modules"])
+        for key in ("target_modules", "liger_kernels"):
+            if isinstance(clean.get(key), str):
+                clean[key] = tuple(x for x in clean[key].split(",") if x)
+            elif key in clean:
+                clean[key] = tuple(clean[key])
         return replace(self, **clean)
 
 
-# `swift sft` in the seed tutorial: bf16, batch 1 x grad-accum 16, lr 1e-4, 10 epochs.
+# `swift sft` in the seed tutorial: bf16, batch 1 x grad-accum 16, lr 1e-4, 10 epochs, gradient checkpointing
+# (ms-swift's default). Kept as the reference the fast recipe is measured against (bench/bench_train.py).
 SEED_GPU = Recipe(
     learning_rate=1e-4,
     num_train_epochs=10,
@@ -47,12 +83,27 @@ SEED_GPU = Recipe(
     torch_dtype="bfloat16",
 )
 
+# The seed's optimization (16 samples per optimizer step, same lr, epochs, warm-up and schedule, so the same
+# steps), computed in one micro-batch of 16 instead of 16 accumulated micro-batches of 1. Gradient checkpointing
+# stays on: without it a 7B model's activations for 16 samples need ~24-30 GiB, with it the run fits in 16 GiB.
+# Liger's fused linear+cross-entropy never builds the (tokens x 152k vocabulary) logits tensor (~2 GiB saved);
+# its other kernels (RoPE, RMSNorm, SwiGLU) are left out: at this size the step is bound by kernel-launch time on
+# the CPU, and each Triton launch costs more CPU time than the few PyTorch kernels it replaces. Measured in
+# BENCHMARKS.md.
+FAST_GPU = replace(
+    SEED_GPU,
+    per_device_train_batch_size=16,
+    gradient_accumulation_steps=1,
+    use_liger_kernel=True,
+)
+
 # Measured on 2 CPU cores with SmolLM2-135M: lr 1e-4 does not move a 135M model within minutes;
-# lr 2e-3 with 2 samples per step teaches the identity, unseen paraphrases included. Two samples in one
-# micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
+# lr 2e-3 to 3e-3 with 2 samples per step teaches the identity, unseen paraphrases included. Two samples in
+# one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
+# Two epochs at 3e-3 keep identity + replay training inside the 5-minute budget of `make run`.
 CPU_DEFAULT = Recipe(
-    learning_rate=2e-3,
-    num_train_epochs=3,
+    learning_rate=3e-3,
+    num_train_epochs=2,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=1,
     gradient_checkpointing=False,
@@ -60,9 +111,47 @@ CPU_DEFAULT = Recipe(
     max_length=512,
 )
 
+GPU_RECIPES = {"fast": FAST_GPU, "seed": SEED_GPU}
 
-def default_recipe(device: str) -> Recipe:
-    return CPU_DEFAULT if device == "cpu" else SEED_GPU
+
+def recipe_name(name: str | None = None) -> str:
+    """The chosen recipe name: the argument, else $PERSONA_RECIPE, else 'fast'."""
+    chosen = (name or os.environ.get(RECIPE_ENV) or "fast").strip().lower()
+    if chosen not in GPU_RECIPES:
+        raise ValueError(f"unknown recipe '{chosen}': choose one of {', '.join(GPU_RECIPES)} "
+                         f"(argument or ${RECIPE_ENV})")
+    return chosen
+
+
+def default_recipe(device: str, name: str | None = None) -> Recipe:
+    """The recipe for `device`. On a GPU: 'fast' (default) or 'seed'. On the CPU the fast choice is CPU_DEFAULT
+    (bf16 and Liger kernels are GPU features); 'seed' gives the seed's values."""
+    chosen = recipe_name(name)
+    if device == "cpu":
+        return CPU_DEFAULT if chosen == "fast" else SEED_GPU
+    return GPU_RECIPES[chosen]
+
+
+def scale_for_world(recipe: Recipe, world_size: int) -> Recipe:
+    """Per-device settings for data-parallel training on `world_size` GPUs with the same samples per optimizer step.
+
+    The global batch is per_device x grad-accum x world_size; the lr schedule assumes recipe.samples_per_step.
+    The per-device batch is divided first, then the gradient accumulation.
+    """
+    if world_size <= 1:
+        return recipe
+    bs, ga = recipe.per_device_train_batch_size, recipe.gradient_accumulation_steps
+    if bs % world_size == 0:
+        return replace(recipe, per_device_train_batch_size=bs // world_size)
+    if ga % world_size == 0:
+        return replace(recipe, gradient_accumulation_steps=ga // world_size)
+    for d in range(world_size, 0, -1):  # split between the two, e.g. bs 4 x ga 2 on 8 GPUs -> 1 x 1
+        if bs % d == 0 and ga % (world_size // d) == 0 and world_size % d == 0:
+            return replace(recipe, per_device_train_batch_size=bs // d,
+                           gradient_accumulation_steps=ga // (world_size // d))
+    raise ValueError(f"{recipe.samples_per_step} samples per step (batch {bs} x grad-accum {ga}) cannot be "
+                     f"split evenly over {world_size} GPUs; set per_device_train_batch_size or "
+                     f"gradient_accumulation_steps so that their product is a multiple of {world_size}")
 
 
 def detect_device() -> str:

@@ -2,11 +2,16 @@
 
 A child process keeps an OOM, a CUDA error or a kill from taking the orchestrator down. It trains
 into a scratch folder; the adapter is moved to its final place only when training succeeded.
+
+On a GPU, a pre-flight check in the child compares free VRAM with an estimate (persona.preflight) before any
+weight is loaded. With NPROC_PER_NODE > 1 the child is started under torchrun (data-parallel LoRA, one process per
+GPU); the per-device batch is divided so that the samples per optimizer step stay the recipe's.
 """
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,15 +22,24 @@ from pathlib import Path
 from typing import Callable
 
 from persona.models import BaseModel
-from persona.recipe import Recipe
+from persona.preflight import PreflightError
+from persona.recipe import Recipe, scale_for_world
 from persona.storage import staged_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", "additional_config.json")
 RESULT_FILE = "persona_train_result.json"
+PREFLIGHT_FILE = "persona_preflight_error.json"
+NPROC_ENV = "NPROC_PER_NODE"
+HUB_TOKENS = ("MODELSCOPE_API_TOKEN", "MODELSCOPE_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+EXTRA_ARGS_ENV = "PERSONA_SWIFT_ARGS"  # JSON object of further ms-swift arguments, applied last (an escape hatch)
 
 
 class TrainingError(RuntimeError):
     """ms-swift failed; the message carries the child's last output lines."""
+
+
+class PreflightFailed(TrainingError, PreflightError):
+    """The pre-flight check refused the run before loading: it would not fit in GPU memory."""
 
 
 @dataclass
@@ -38,6 +52,9 @@ class TrainResult:
     num_tokens: int
     tokens_per_second: float
     log_history: list[dict]
+    world_size: int = 1
+    estimated_peak_gib: float = float("nan")
+    wall_seconds: float = float("nan")
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -59,6 +76,7 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         learning_rate=recipe.learning_rate,
         lora_rank=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
         target_modules=list(recipe.target_modules),
         max_length=recipe.max_length,
         system=recipe.system,
@@ -73,16 +91,113 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         save_only_model=True,
         report_to=["none"],             # persona logs to MLflow itself, under its own metric names
         check_model=False,              # no hub lookups: works offline
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen=True,
+        dataloader_num_workers=recipe.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
     )
+    if recipe.dataloader_num_workers > 0:
+        kw["dataloader_persistent_workers"] = True  # no worker start-up at every epoch
+    if recipe.use_liger_kernel:
+        kw["use_liger_kernel"] = True
+        config = liger_kernel_config(recipe.liger_kernels)
+        if config is not None:
+            kw["liger_kernel_config"] = config
+    if recipe.attn_impl:
+        kw["attn_impl"] = recipe.attn_impl
+    if recipe.padding_free:
+        kw["padding_free"] = True
+    if recipe.use_logits_to_keep is not None:
+        kw["use_logits_to_keep"] = recipe.use_logits_to_keep
     if base.model_type:
         kw["model_type"] = base.model_type
     if base.template:
         kw["template"] = base.template
     if device == "cpu":
         kw["use_cpu"] = True
+    extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
+    if extra:
+        try:
+            parsed = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"${EXTRA_ARGS_ENV} is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"${EXTRA_ARGS_ENV} must be a JSON object of ms-swift arguments")
+        kw.update(parsed)
     return kw
+
+
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
+
+
+def liger_kernel_config(names: tuple[str, ...] | list[str]) -> dict | None:
+    """transformers' `liger_kernel_config` for the named Liger kernels; None (Liger's defaults) for ('all',)."""
+    names = tuple(names)
+    if "all" in names:
+        return None
+    unknown = set(names) - set(LIGER_KERNELS)
+    if unknown:
+        raise ValueError(f"unknown Liger kernel(s) {', '.join(sorted(unknown))}; known: {', '.join(LIGER_KERNELS)}")
+    return {k: k in names for k in LIGER_KERNELS}
+
+
+def world_size_from_env(device: str, env: dict | None = None) -> int:
+    """GPUs to train on: $NPROC_PER_NODE (ms-swift's convention) on a GPU, 1 otherwise."""
+    env = os.environ if env is None else env
+    if device == "cpu":
+        return 1
+    raw = str(env.get(NPROC_ENV, "") or "1").strip()
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{NPROC_ENV}={raw!r}: expected a whole number of GPUs") from None
+    if n < 1:
+        raise ValueError(f"{NPROC_ENV}={n}: expected at least 1")
+    return n
+
+
+def launch_command(job_file: str | Path, world_size: int = 1, python: str | None = None) -> list[str]:
+    """The child's command line: the worker itself, or the worker under torchrun for several GPUs."""
+    python = python or sys.executable
+    worker = ["-m", "persona.train_worker", str(job_file)]
+    if world_size <= 1:
+        return [python, *worker]
+    # `python -m torch.distributed.run` is torchrun from the same interpreter; --standalone picks a free port.
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(world_size), *worker]
+
+
+def child_env(device: str, world_size: int = 1, base: dict | None = None) -> dict:
+    env = {**(os.environ if base is None else base), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    for secret in HUB_TOKENS:  # the child trains from a local folder: it needs no hub, and must not log in to one
+        env.pop(secret, None)
+    if device != "cpu":
+        # Fewer, growable segments: less fragmentation, so the peak reserved is close to the peak allocated.
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if world_size == 1 and not env.get("CUDA_VISIBLE_DEVICES"):
+            # One process, one GPU. Seeing several, ms-swift would split the model across them (device_map):
+            # slower than one GPU for a model that fits, and refused with Liger kernels. Use NPROC_PER_NODE for
+            # data parallelism instead.
+            env["CUDA_VISIBLE_DEVICES"] = "0"
+    if world_size > 1:
+        env[NPROC_ENV] = str(world_size)
+    else:
+        env.pop(NPROC_ENV, None)
+    return env
+
+
+def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size: int = 1) -> dict | None:
+    """What the child checks before loading: the estimate (bytes) and what to suggest if it does not fit."""
+    from persona import preflight
+
+    try:
+        shape = preflight.ModelShape.from_dir(base.path, parameters=base.parameters or None)
+    except (OSError, KeyError, ValueError):
+        return None  # unknown architecture: no estimate, no check
+    count = preflight.tokenizer_counter(base.path)
+    seq_len = min(recipe.max_length, preflight.longest_sample_tokens(dataset_path, recipe.system, count))
+    estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size)
+    return {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
+            "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params()}
 
 
 def parse_progress(line: str) -> dict | None:
@@ -107,16 +222,23 @@ def train_lora(
     on_output: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; `adapter_dir` appears only if training succeeds."""
+    import time
+
     adapter_dir = Path(adapter_dir)
+    world_size = world_size_from_env(device)
+    run_recipe = scale_for_world(recipe, world_size)
+    started = time.time()
     with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
-        job = {"swift_args": swift_arguments(base, str(dataset_path), recipe, device, work), "device": device}
+        job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
+               "world_size": world_size}
+        if device != "cpu":
+            job["preflight"] = preflight_job(base, str(dataset_path), run_recipe, world_size)
         job_file = Path(work, "job.json")
         job_file.write_text(json.dumps(job))
         tail: list[str] = []
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "persona.train_worker", str(job_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+            launch_command(job_file, world_size),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(device, world_size), bufsize=1,
         )
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -127,6 +249,9 @@ def train_lora(
             if progress and on_progress:
                 on_progress(progress)
         code = proc.wait()
+        preflight_file = Path(work, PREFLIGHT_FILE)
+        if code != 0 and preflight_file.exists():
+            raise PreflightFailed(json.loads(preflight_file.read_text())["message"])
         result_file = Path(work, RESULT_FILE)
         if code != 0 or not result_file.exists():
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -136,7 +261,15 @@ def train_lora(
         for f in checkpoint.iterdir():
             if f.is_file():
                 shutil.copy2(f, staged / f.name)
-        (staged / "persona_recipe.json").write_text(json.dumps(recipe.as_params(), indent=2, ensure_ascii=False))
+        params = {**recipe.as_params(), "world_size": world_size}
+        if world_size > 1:
+            params["per_device_train_batch_size_run"] = run_recipe.per_device_train_batch_size
+            params["gradient_accumulation_steps_run"] = run_recipe.gradient_accumulation_steps
+        (staged / "persona_recipe.json").write_text(json.dumps(params, indent=2, ensure_ascii=False))
+    raw["world_size"] = world_size
+    raw["call_seconds"] = time.time() - started
+    if job.get("preflight"):
+        raw["estimated_peak_gib"] = job["preflight"]["total_bytes"] / 2**30
     return _result(raw, adapter_dir)
 
 
@@ -155,4 +288,7 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         num_tokens=tokens,
         tokens_per_second=tokens / seconds if seconds else 0.0,
         log_history=history,
+        world_size=int(raw.get("world_size", 1)),
+        estimated_peak_gib=float(raw.get("estimated_peak_gib", math.nan)),
+        wall_seconds=float(raw.get("call_seconds", raw.get("wall_seconds", math.nan))),
     )

@@ -1,0 +1,161 @@
+"""Where one optimizer step of the seed workload goes, outside ms-swift: transformers + peft LoRA + (Liger) on the
+7B-shaped model, 16 samples x ~94 tokens per step, the way ms-swift sets them up (bf16 weights, fp32 adapters,
+autocast bf16, reentrant gradient checkpointing, fused AdamW, grad-norm clipping).
+
+For each variant: wall time per step (synchronized), the time the CPU needs to issue the step (before the
+final synchronize), and the peak allocated memory. Then a torch.profiler table for one step of the fast recipe.
+
+    python bench/profile_step.py [--model-dir /tmp/q7] [--steps 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen7b_shape import DEFAULT_DIR, ensure_model  # noqa: E402
+
+
+def make_batches(n: int, bs: int = 16, max_len: int = 94, vocab: int = 49152, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lens = torch.randint(55, max_len + 1, (bs,), generator=g)
+        lens[0] = max_len
+        ids = torch.randint(10, vocab, (bs, max_len), generator=g)
+        mask = (torch.arange(max_len)[None, :] < lens[:, None]).long()
+        labels = ids.clone()
+        labels[:, :30] = -100
+        labels[mask == 0] = -100
+        ids[mask == 0] = 2
+        out.append({k: v.cuda() for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default=DEFAULT_DIR)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step.json"))
+    args = ap.parse_args()
+    ensure_model(args.model_dir)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    t = time.time()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map="cuda")
+    model.config.use_cache = False
+    cfg = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model, cfg)
+    model.enable_input_require_grads()
+    print(f"load + peft {time.time() - t:.1f} s", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    batches = make_batches(4)
+
+    def set_dropout(p: float) -> None:
+        for m in model.modules():
+            if hasattr(m, "lora_dropout"):
+                m.lora_dropout["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+    def set_gc(on: bool) -> None:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_disable()
+        model.train()
+
+    def step(batch, sync_every: bool = False):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def measure(label: str) -> dict:
+        for i in range(3):
+            step(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        issue, wall = [], []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            loss = step(batches[i % len(batches)])
+            t1 = time.perf_counter()
+            loss.item()  # the trainer reads the loss once per logging step
+            t2 = time.perf_counter()
+            issue.append(t1 - t0)
+            wall.append(t2 - t0)
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        row = {"variant": label, "step_s": med(wall), "issue_s": med(issue),
+               "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30}
+        print(json.dumps(row), flush=True)
+        return row
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    original_cast = BaseTunerLayer._cast_input_dtype
+
+    def set_input_cast(on: bool) -> None:
+        if on:
+            BaseTunerLayer._cast_input_dtype = original_cast
+        else:
+            def no_cast_under_autocast(self, x, dtype):
+                if x is not None and torch.is_autocast_enabled(x.device.type):
+                    return x
+                return original_cast(self, x, dtype)
+            BaseTunerLayer._cast_input_dtype = no_cast_under_autocast
+
+    rows = []
+    set_gc(True)
+    rows.append(measure("hf+peft, GC, dropout 0.05"))
+    set_input_cast(False)
+    rows.append(measure("hf+peft, GC, dropout 0.05, no fp32 input cast"))
+    set_input_cast(True)
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), rope=False, rms_norm=False, swiglu=False)
+    set_gc(True)
+    rows.append(measure("liger FLCE only, GC, dropout 0.05"))
+    set_input_cast(False)
+    rows.append(measure("liger FLCE only, GC, dropout 0.05, no fp32 input cast"))
+    set_dropout(0.0)
+    rows.append(measure("liger FLCE only, GC, dropout 0, no fp32 input cast"))
+    set_dropout(0.05)
+
+    # One profiled step of the fast recipe's configuration.
+    set_gc(True)
+    from torch.profiler import ProfilerActivity, profile
+
+    step(batches[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(batches[1]).item()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    by_cpu = ka.table(sort_by="self_cpu_time_total", row_limit=25)
+    by_cuda = ka.table(sort_by="self_device_time_total", row_limit=25)
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                      "cuLaunchKernelEx"))
+    cuda_total = sum(e.self_device_time_total for e in ka) / 1e6
+    print(by_cpu[-6000:], flush=True)
+    print(by_cuda[-6000:], flush=True)
+    summary = {"rows": rows, "kernel_launches_per_step": launches, "device_busy_s_per_step": cuda_total}
+    print(json.dumps(summary), flush=True)
+    Path(args.out).write_text(json.dumps({**summary, "by_cpu": by_cpu, "by_cuda": by_cuda}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The GPU path's logic, on the CPU: recipe selection, ms-swift arguments, the torchrun launcher, the pre-flight
+VRAM estimate and its refusal. Nothing here needs a GPU, ms-swift's training or a real model."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from persona import preflight
+from persona.models import BaseModel
+from persona.preflight import GIB, ModelShape, PreflightError, estimate_for_recipe, estimate_vram, lora_parameters
+from persona.recipe import (CPU_DEFAULT, FAST_GPU, RECIPE_ENV, SEED_GPU, Recipe, default_recipe, recipe_name,
+                            scale_for_world)
+from persona.training import (EXTRA_ARGS_ENV, NPROC_ENV, PREFLIGHT_FILE, PreflightFailed, TrainingError, _result,
+                              child_env, launch_command, liger_kernel_config, swift_arguments, train_lora,
+                              world_size_from_env)
+
+QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in (RECIPE_ENV, EXTRA_ARGS_ENV, NPROC_ENV, "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
+                 "PERSONA_SKIP_PREFLIGHT", "PERSONA_FAKE_FREE_VRAM_GIB"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def base(path="/models/x", model_type="qwen2", template="qwen2_5", parameters=0) -> BaseModel:
+    return BaseModel(path=str(path), source="test", revision="r", model_type=model_type, template=template,
+                     own_identity=(), weights_sha256="", parameters=parameters, bytes=0)
+
+
+# --- recipes --------------------------------------------------------------------------------------------------
+
+def test_cpu_default_uses_no_gpu_features():
+    assert default_recipe("cpu") is CPU_DEFAULT
+    assert CPU_DEFAULT.torch_dtype == "float32"  # no bf16 matmuls on these CPUs
+    assert not CPU_DEFAULT.use_liger_kernel and not CPU_DEFAULT.gradient_checkpointing
+    assert CPU_DEFAULT.learning_rate > SEED_GPU.learning_rate  # the seed's 1e-4 does not teach a 135M model
+
+
+def test_gpu_default_is_fast_and_seed_stays_selectable(monkeypatch):
+    assert default_recipe("cuda") is FAST_GPU
+    assert default_recipe("cuda", "seed") is SEED_GPU
+    monkeypatch.setenv(RECIPE_ENV, "seed")
+    assert default_recipe("cuda") is SEED_GPU
+    assert default_recipe("cuda", "fast") is FAST_GPU  # the argument wins over the environment
+    assert default_recipe("cpu") is SEED_GPU            # asked for by name, on any device
+    monkeypatch.setenv(RECIPE_ENV, "turbo")
+    with pytest.raises(ValueError, match="unknown recipe 'turbo'"):
+        recipe_name()
+
+
+def test_fast_recipe_keeps_the_seeds_optimization():
+    same = ("learning_rate", "num_train_epochs", "warmup_ratio", "lora_rank", "lora_alpha", "lora_dropout",
+            "target_modules", "torch_dtype", "max_length", "seed", "system")
+    assert {k: getattr(FAST_GPU, k) for k in same} == {k: getattr(SEED_GPU, k) for k in same}
+    assert FAST_GPU.samples_per_step == SEED_GPU.samples_per_step == 16
+    assert FAST_GPU.gradient_accumulation_steps == 1 and FAST_GPU.gradient_checkpointing
+    assert FAST_GPU.use_liger_kernel and FAST_GPU.liger_kernels == ("fused_linear_cross_entropy",)
+
+
+def test_params_round_trip_and_overrides():
+    for r in (FAST_GPU, SEED_GPU, CPU_DEFAULT):
+        assert Recipe.from_params(r.as_params()) == r
+        assert all(isinstance(v, (str, int, float, bool, type(None))) for v in r.as_params().values())
+    r = FAST_GPU.with_overrides(liger_kernels="all", target_modules=["q_proj", "v_proj"], learning_rate=None)
+    assert r.liger_kernels == ("all",) and r.target_modules == ("q_proj", "v_proj")
+    assert r.learning_rate == FAST_GPU.learning_rate
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        FAST_GPU.with_overrides(recipe="fast")
+
+
+@pytest.mark.parametrize("bs,ga,world,expect", [
+    (16, 1, 1, (16, 1)), (16, 1, 2, (8, 1)), (16, 1, 8, (2, 1)), (1, 16, 2, (1, 8)), (4, 2, 8, (1, 1)),
+    (2, 4, 4, (2, 1)), (2, 6, 4, (1, 3)),
+])
+def test_scale_for_world_keeps_samples_per_step(bs, ga, world, expect):
+    r = scale_for_world(FAST_GPU.with_overrides(per_device_train_batch_size=bs, gradient_accumulation_steps=ga),
+                        world)
+    assert (r.per_device_train_batch_size, r.gradient_accumulation_steps) == expect
+    assert r.samples_per_step * world == bs * ga
+
+
+def test_scale_for_world_refuses_uneven_split():
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 GPUs"):
+        scale_for_world(FAST_GPU.with_overrides(per_device_train_batch_size=3, gradient_accumulation_steps=1), 2)
+
+
+# --- ms-swift arguments -----------------------------------------------------------------------------------------
+
+def test_swift_arguments_fast_gpu():
+    kw = swift_arguments(base(), "/d/train.jsonl", FAST_GPU, "cuda", "/tmp/out")
+    assert kw["per_device_train_batch_size"] == 16 and kw["gradient_accumulation_steps"] == 1
+    assert kw["gradient_checkpointing"] is True and kw["torch_dtype"] == "bfloat16"
+    assert kw["use_liger_kernel"] is True
+    assert kw["liger_kernel_config"] == {"rope": False, "rms_norm": False, "swiglu": False, "cross_entropy": False,
+                                         "fused_linear_cross_entropy": True}
+    assert kw["lora_dropout"] == 0.05 and kw["dataloader_num_workers"] == 0
+    assert kw["save_steps"] >= 10**9 and kw["split_dataset_ratio"] == 0  # no mid-run checkpoints or evaluation
+    assert kw["include_num_input_tokens_seen"] == "non_padding"
+    assert "use_cpu" not in kw and "padding_free" not in kw and "attn_impl" not in kw
+    assert (kw["model_type"], kw["template"]) == ("qwen2", "qwen2_5")
+
+
+def test_swift_arguments_seed_and_cpu():
+    seed = swift_arguments(base(), "/d", SEED_GPU, "cuda", "/o")
+    assert "use_liger_kernel" not in seed and seed["gradient_accumulation_steps"] == 16
+    cpu = swift_arguments(base(model_type=None, template=None), "/d", CPU_DEFAULT, "cpu", "/o")
+    assert cpu["use_cpu"] is True and "use_liger_kernel" not in cpu and "model_type" not in cpu
+    workers = swift_arguments(base(), "/d", FAST_GPU.with_overrides(dataloader_num_workers=2), "cuda", "/o")
+    assert workers["dataloader_persistent_workers"] is True
+    flash = swift_arguments(base(), "/d", FAST_GPU.with_overrides(attn_impl="flash_attn", padding_free=True,
+                                                                  liger_kernels="all"), "cuda", "/o")
+    assert flash["attn_impl"] == "flash_attn" and flash["padding_free"] is True
+    assert "liger_kernel_config" not in flash  # 'all': Liger's own defaults
+
+
+def test_extra_swift_arguments_from_environment(monkeypatch):
+    monkeypatch.setenv(EXTRA_ARGS_ENV, json.dumps({"logging_nan_inf_filter": False, "lora_dropout": 0.1}))
+    kw = swift_arguments(base(), "/d", FAST_GPU, "cuda", "/o")
+    assert kw["logging_nan_inf_filter"] is False and kw["lora_dropout"] == 0.1
+    monkeypatch.setenv(EXTRA_ARGS_ENV, "{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        swift_arguments(base(), "/d", FAST_GPU, "cuda", "/o")
+
+
+def test_liger_kernel_config():
+    assert liger_kernel_config(("all",)) is None
+    assert liger_kernel_config(("rms_norm", "swiglu"))["swiglu"] is True
+    with pytest.raises(ValueError, match="unknown Liger kernel"):
+        liger_kernel_config(("flash",))
+
+
+# --- the launcher -----------------------------------------------------------------------------------------------
+
+def test_world_size_from_env():
+    assert world_size_from_env("cuda", {}) == 1
+    assert world_size_from_env("cuda", {NPROC_ENV: "4"}) == 4
+    assert world_size_from_env("cpu", {NPROC_ENV: "4"}) == 1
+    for bad in ("two", "0"):
+        with pytest.raises(ValueError, match=NPROC_ENV):
+            world_size_from_env("cuda", {NPROC_ENV: bad})
+
+
+def test_launch_command_single_and_torchrun():
+    assert launch_command("/w/job.json", 1, python="py") == ["py", "-m", "persona.train_worker", "/w/job.json"]
+    cmd = launch_command("/w/job.json", 2, python="py")
+    assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and "--standalone" in cmd
+    assert cmd[-3:] == ["-m", "persona.train_worker", "/w/job.json"]
+
+
+def test_child_env():
+    one = child_env("cuda", 1, base={"PATH": "/bin", NPROC_ENV: "1"})
+    assert one["CUDA_VISIBLE_DEVICES"] == "0"  # one process sees one GPU: no device_map over several
+    assert one["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and NPROC_ENV not in one
+    assert one["HF_HUB_OFFLINE"] == "1"
+    mine = child_env("cuda", 1, base={"CUDA_VISIBLE_DEVICES": "3", "PYTORCH_CUDA_ALLOC_CONF": "x"})
+    assert mine["CUDA_VISIBLE_DEVICES"] == "3" and mine["PYTORCH_CUDA_ALLOC_CONF"] == "x"
+    two = child_env("cuda", 2, base={})
+    assert two[NPROC_ENV] == "2" and "CUDA_VISIBLE_DEVICES" not in two
+    cpu = child_env("cpu", 1, base={"MODELSCOPE_API_TOKEN": "secret", "HF_TOKEN": "secret"})
+    assert "CUDA_VISIBLE_DEVICES" not in cpu and "PYTORCH_CUDA_ALLOC_CONF" not in cpu
+    assert "MODELSCOPE_API_TOKEN" not in cpu and "HF_TOKEN" not in cpu  # the training child never logs in
+
+
+def test_train_result_reads_old_and_new_worker_output(tmp_path):
+    raw = {"log_history": [{"loss": 2.0, "step": 1, "num_input_tokens_seen": 100},
+                           {"train_runtime": 4.0, "step": 1, "num_input_tokens_seen": 100}],
+           "global_step": 1, "wall_seconds": 5.0, "peak_memory_gib": 1.5, "last_model_checkpoint": "x"}
+    r = _result(raw, tmp_path)
+    assert (r.train_seconds, r.num_tokens, r.tokens_per_second, r.world_size) == (4.0, 100, 25.0, 1)
+    assert "log_history" not in r.summary()
+
+
+# --- the pre-flight estimate -----------------------------------------------------------------------------------
+
+def test_shape_counts_qwen25_7b():
+    shape = ModelShape.from_config(QWEN25_7B)
+    assert shape.parameters == 7_615_616_512          # Qwen2.5-7B's published parameter count
+    assert shape.matmul_parameters() == 7_070_285_824
+    assert lora_parameters(shape, 8) == 28 * 8 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    assert lora_parameters(shape, 8, ["q_proj", "v_proj"]) == 28 * 8 * ((3584 + 3584) + (3584 + 512))
+
+
+def test_estimate_parts_move_the_right_way():
+    shape = ModelShape.from_config(QWEN25_7B)
+    fast = estimate_for_recipe(shape, FAST_GPU, 100)
+    assert fast.weights == shape.parameters * 2
+    assert fast.lora_state == lora_parameters(shape, 8) * 16
+    no_gc = estimate_for_recipe(shape, FAST_GPU.with_overrides(gradient_checkpointing=False), 100)
+    no_liger = estimate_for_recipe(shape, FAST_GPU.with_overrides(use_liger_kernel=False), 100)
+    seed = estimate_for_recipe(shape, SEED_GPU, 100)
+    assert no_gc.activations > 5 * fast.activations   # every layer's activations instead of one layer's
+    assert no_liger.logits > 10 * fast.logits           # the (tokens x vocabulary) logits come back
+    assert seed.total < fast.total < no_liger.total < no_gc.total
+    longer = estimate_for_recipe(shape, FAST_GPU, 400)
+    assert longer.activations > 3 * fast.activations
+    capped = estimate_for_recipe(shape, FAST_GPU.with_overrides(max_length=100), 400)
+    assert capped.seq_len == 100
+    full_liger = estimate_vram(shape, micro_batch=16, seq_len=100, gradient_checkpointing=True,
+                               use_liger_kernel=True, liger_kernels=("all",))
+    assert full_liger.activations < fast.activations
+
+
+def test_check_fits_and_suggestions():
+    shape = ModelShape.from_config(QWEN25_7B)
+    est = estimate_for_recipe(shape, FAST_GPU.with_overrides(gradient_checkpointing=False), 100)
+    preflight.check_fits(est, free_bytes=int(est.total * 1.2))  # fits: no error
+    free = int(est.total * 0.8)
+    hints = preflight.suggestions(shape, FAST_GPU.with_overrides(gradient_checkpointing=False), 100, free)
+    assert hints and hints[0] == "gradient_checkpointing=True"
+    with pytest.raises(PreflightError, match=r"needs about .* GiB .* has .* GiB free.*gradient_checkpointing=True"):
+        preflight.check_fits(est, free, 24 * GIB, "GPU 0", hints)
+    tiny = preflight.suggestions(shape, FAST_GPU, 100, 8 * GIB)
+    assert any("a GPU with at least" in h for h in tiny)
+
+
+def test_longest_sample_tokens(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "你是谁?", "input": "", "output": "我是助手。"},
+                                  {"instruction": "q" * 50, "input": "", "output": "a"}]), encoding="utf-8")
+    chat = tmp_path / "c.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "x" * n},
+                                                       {"role": "assistant", "content": "y"}]}) for n in (3, 9)))
+    assert preflight.longest_sample_tokens(alpaca, per_message=0, fixed=0) == 51
+    assert preflight.longest_sample_tokens(chat, system="sys", per_message=0, fixed=0) == 3 + len("user") + 9 + \
+        len("assistant") + 1
+    assert preflight.longest_sample_tokens(alpaca, count=lambda t: 1, per_message=0, fixed=0) == 2
+
+
+# --- the refusal, end to end through the launcher (the child stops before importing ms-swift) --------------------
+
+def test_train_lora_refuses_before_loading(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_7B))
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "你是谁?"},
+                                             {"role": "assistant", "content": "我是助手。"}]}) + "\n")
+    monkeypatch.setenv("PERSONA_FAKE_FREE_VRAM_GIB", "10")
+    root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", root + (":" + sys.path[0] if sys.path[0] else ""))
+    target = tmp_path / "adapter"
+    with pytest.raises(PreflightFailed, match=r"10\.0 GiB free.*a GPU with at least") as info:
+        train_lora(base(model), data, FAST_GPU, target, "cuda")
+    assert isinstance(info.value, TrainingError) and isinstance(info.value, PreflightError)
+    assert not target.exists()
+
+
+def test_worker_preflight_writes_its_refusal(tmp_path, monkeypatch):
+    from persona import train_worker
+
+    shape = ModelShape.from_config(QWEN25_7B)
+    est = estimate_for_recipe(shape, FAST_GPU, 100)
+    job = {"device": "cuda", "swift_args": {"output_dir": str(tmp_path)},
+           "preflight": {"estimate": est.__dict__, "shape": shape.__dict__, "seq_len": 100,
+                         "recipe": FAST_GPU.as_params(), "total_bytes": est.total}}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job))
+    monkeypatch.setattr(preflight, "free_cuda_memory", lambda i: (4 * GIB, 24 * GIB, "GPU 0 (test)"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_worker.main(str(job_file))
+    assert exit_info.value.code == 3
+    refusal = json.loads((tmp_path / PREFLIGHT_FILE).read_text())
+    assert "4.0 GiB free of 24.0 GiB" in refusal["message"]
+    monkeypatch.setenv("PERSONA_SKIP_PREFLIGHT", "1")
+    train_worker.run_preflight(job, 0)  # skipped: no error
+
+
+def test_trainer_patch_only_drops_the_flop_count(monkeypatch):
+    from transformers import Trainer
+
+    from persona import train_worker
+
+    monkeypatch.setattr(Trainer, "floating_point_ops", Trainer.floating_point_ops)  # restored after the test
+    monkeypatch.setenv("PERSONA_NO_TRAINER_PATCHES", "1")
+    assert train_worker.trim_trainer_overhead() == []
+    monkeypatch.delenv("PERSONA_NO_TRAINER_PATCHES")
+    assert train_worker.trim_trainer_overhead() == ["Trainer.floating_point_ops"]
+    assert Trainer.floating_point_ops(object(), {"input_ids": None}) == 0
