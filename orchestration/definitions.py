@@ -1,4 +1,4 @@
-"""The one Definitions object: every asset, check, job and resource of persona."""
+"""The one Definitions object: every asset, check, job, sensor, schedule and resource of persona."""
 from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job
@@ -11,6 +11,8 @@ from assets.lora_adapter import lora_adapter
 from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
                                   identity_learned)
 from orchestration.resources import MlflowTracker, ModelHub, Workspace
+from orchestration.schedules import retrain_schedule
+from orchestration.sensors import dataset_sensor
 
 train_persona = define_asset_job(
     "train_persona",
@@ -22,5 +24,7 @@ defs = Definitions(
     assets=[base_model, curated_dataset, lora_adapter, evaluation_report, champion],
     asset_checks=[curated_dataset_is_intact, identity_learned, adversarial_resisted, general_ability_kept],
     jobs=[train_persona],
+    sensors=[dataset_sensor],
+    schedules=[retrain_schedule],
     resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker()},
 )

@@ -1,0 +1,133 @@
+"""The dataset sensor under a real Dagster daemon: an edit to a data file trains once, on the tiny model, and an
+edit during that training queues the next run. `dagster sensor list` and `dagster schedule list` show both.
+
+The daemon runs with a temporary DAGSTER_HOME that uses the shipped dagster.yaml; its code server listens on a
+local socket. Every process the test starts is stopped at the end, its whole process group with it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import yaml
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+from dagster._core.scheduler.instigation import InstigatorType
+
+from orchestration.project_config import TRIGGER_TAG, link_instance_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TIMEOUT = 240
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+def project(tiny_model: Path) -> dict:
+    """persona.yaml for the test: the tiny model and a small training, as tests/test_pipeline_e2e.py runs it."""
+    return {"ops": {
+        "base_model": {"config": {"model": str(tiny_model)}},
+        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 3,
+                                    "logging_steps": 1}},
+        "evaluation_report": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
+    }}
+
+
+def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; daemon log ends with:\n"
+                         + daemon_log.read_text(errors="replace")[-4000:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the daemon's process group: the daemon, its code server, run workers and their training children
+    (none of them starts a session of its own). SIGTERM first, SIGKILL for whatever is left after 20 s."""
+    deadline = time.time() + 20
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            while time.time() < deadline:
+                proc.poll()  # reap the daemon, so that its group can empty
+                os.killpg(proc.pid, 0)
+                time.sleep(0.5)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + 5
+    proc.wait(5)
+
+
+def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp_path_factory):
+    dagster_home = tmp_path_factory.mktemp("dagster_home")
+    link_instance_config(dagster_home)
+    (home / "persona.yaml").write_text(yaml.safe_dump(project(tiny_model)))
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PERSONA_HOME": str(home),
+           "PERSONA_SENSOR_QUIET_SECONDS": "3", "PERSONA_SENSOR_INTERVAL_SECONDS": "1",
+           "PERSONA_RETRAIN_SCHEDULE": "off", "TQDM_DISABLE": "1"}
+    # Create the instance's storage before the daemon and its code server open it: on a fresh home they would
+    # otherwise race to create the same SQLite schemas.
+    instance = DagsterInstance.from_config(str(dagster_home))
+    assert instance.get_runs() == [] and instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    daemon_log = dagster_home / "daemon.log"
+    with daemon_log.open("w") as log:
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+                                  cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def sensor_cursor():
+            states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+            return next((s.instigator_data.cursor for s in states
+                         if s.name == "dataset_sensor" and s.instigator_data and s.instigator_data.cursor), None)
+
+        def runs():
+            return instance.get_runs()[::-1]  # oldest first
+
+        baseline = json.loads(wait_for("the sensor's first tick", sensor_cursor, daemon_log))["last"]
+        assert runs() == []  # starting the daemon alone trains nothing
+
+        data = home / "data" / "self_cognition.json"
+        rows = json.loads(data.read_text())
+        data.write_text(json.dumps(rows + [{**rows[0], "instruction": "Who are you, in one line?"}], indent=1))
+        first = wait_for("the run for the edit to start",
+                         lambda: next((r for r in runs() if r.status == DagsterRunStatus.STARTED), None), daemon_log)
+
+        # An edit while it trains: the sensor asks for a second run, and the queue holds it back (the training pool
+        # has one slot). The test cancels it once seen waiting, so that only one training takes its time.
+        data.write_text(json.dumps(rows + [{**rows[0], "instruction": "Who are you, in two lines?"}], indent=1))
+        second = wait_for("the run for the second edit", lambda: runs()[1:], daemon_log)[0]
+        time.sleep(12)  # two rounds of the run queue
+        assert instance.get_run_by_id(second.run_id).status == DagsterRunStatus.QUEUED
+        assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.STARTED, "trained too fast to tell"
+        instance.run_coordinator.cancel_run(second.run_id)
+
+        run = wait_for("the first run to finish",
+                       lambda: (r := instance.get_run_by_id(first.run_id)).status in FINISHED and r, daemon_log)
+        if run.status != DagsterRunStatus.SUCCESS:
+            errors = [e.message for e in instance.all_logs(run.run_id)
+                      if e.is_dagster_event and e.dagster_event.is_failure]
+            raise AssertionError(f"run {run.run_id} {run.status}: {errors}")
+        assert [r.status for r in runs()] == [DagsterRunStatus.SUCCESS, DagsterRunStatus.CANCELED]
+        assert run.tags[TRIGGER_TAG] == "sensor" and run.tags["dagster/sensor_name"] == "dataset_sensor"
+        assert baseline != run.tags["persona/data_hash"] != second.tags["persona/data_hash"]
+        assert instance.get_latest_materialization_event(AssetKey("lora_adapter")).run_id == run.run_id
+
+        mlflow.set_tracking_uri(f"sqlite:///{home}/mlruns/mlflow.db")
+        (tracked,) = mlflow.search_runs(experiment_names=["persona"], output_format="list")
+        assert tracked.info.status == "FINISHED" and tracked.data.tags["dagster_run_id"] == run.run_id
+    finally:
+        stop(daemon)
+
+
+def test_sensor_and_schedule_are_listed_by_the_dagster_cli(tmp_path):
+    link_instance_config(tmp_path)
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    for kind, listed in (("sensor", "Sensor: dataset_sensor [RUNNING]"),
+                         ("schedule", "Schedule: retrain_schedule [RUNNING]\nCron Schedule: 0 3 * * 1")):
+        out = subprocess.run([str(BIN / "dagster"), kind, "list", "-w", str(REPO / "workspace.yaml")], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert listed in out.stdout, out.stdout + out.stderr
