@@ -25,10 +25,22 @@ setup: $(STAMP)
 
 run: setup
 	@mkdir -p $(DAGSTER_HOME)
+	@test -e $(DAGSTER_HOME)/dagster.yaml -o -L $(DAGSTER_HOME)/dagster.yaml || ln -s $(CURDIR)/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/persona run
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Both UIs in one terminal. MLflow runs in a session of its own, so that its workers go with it; the trap stops
+# it when `dagster dev` (webserver, daemon: the sensor and schedule) ends on Ctrl-C.
+ui: setup
+	@mkdir -p $(DAGSTER_HOME) mlruns
+	@test -e $(DAGSTER_HOME)/dagster.yaml -o -L $(DAGSTER_HOME)/dagster.yaml || ln -s $(CURDIR)/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@echo "Dagster: http://127.0.0.1:3000   MLflow: http://127.0.0.1:5000   (Ctrl-C stops both)"
+	@$$(command -v setsid) $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+		--default-artifact-root mlruns/artifacts -h 127.0.0.1 -p 5000 & mlflow=$$!; \
+	trap 'kill -TERM -$$mlflow 2>/dev/null || kill -TERM $$mlflow 2>/dev/null; trap - EXIT' INT TERM EXIT; \
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:
 	rm -rf outputs .dagster
