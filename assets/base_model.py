@@ -19,7 +19,7 @@ def base_model(context: AssetExecutionContext, config: BaseModelConfig, model_hu
         metadata={
             "source": model.source,
             "revision": model.revision,
-            "path": MetadataValue.path(model.path),
+            "model_path": MetadataValue.path(model.path),
             "parameters": model.parameters,
             "bytes": model.bytes,
             "weights_sha256": model.weights_sha256,

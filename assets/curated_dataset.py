@@ -13,7 +13,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from orchestration.config import CurationConfig
-from orchestration.resources import Workspace
+from orchestration.resources import DataPathError, Workspace, unwritable_is_failure
 from persona.data import DatasetError, Dataset, Problem, language, load_dataset
 from persona.evaluation import load_probes, token_counter
 from persona.mixing import MixingError, hub_samples, pick, read_prompts, replay_samples
@@ -71,16 +71,17 @@ def curated_dataset(
     context: AssetExecutionContext, config: CurationConfig, workspace: Workspace, base_model: BaseModel
 ) -> Output[CuratedDataset]:
     try:
-        dataset, probes = curate(config, workspace, base_model, log=context.log.info)
+        with unwritable_is_failure(workspace.output("replay_cache")):
+            dataset, probes = curate(config, workspace, base_model, log=context.log.info)
     except DatasetError as exc:
         context.log.error(str(exc))
         raise Failure(description=str(exc), metadata={"problems": len(exc.problems)}) from None
-    except MixingError as exc:
+    except (MixingError, DataPathError) as exc:
         raise Failure(description=str(exc)) from None
 
     target = workspace.output("datasets", dataset.version[:16])
     if not (target / "train.jsonl").exists():
-        with staged_dir(target) as tmp:
+        with unwritable_is_failure(target), staged_dir(target) as tmp:
             dataset.write_jsonl(tmp / "train.jsonl")
             (tmp / "probes.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes),
                                               encoding="utf-8")
@@ -105,6 +106,6 @@ def describe(dataset: Dataset, curated: CuratedDataset, n_probes: int) -> dict:
                                       "p95": tokens[int(0.95 * (len(tokens) - 1))], "max": tokens[-1]} if tokens else {}),
         "preview": MetadataValue.md("| question | answer |\n|---|---|\n" + preview),
         "validation": "passed: JSON, types, fields, roles, UTF-8, conflicts, placeholders, own identity, leaks, length, count",
-        "path": MetadataValue.path(curated.path),
+        "dataset_path": MetadataValue.path(curated.path),
         "eval_probes": n_probes,
     }

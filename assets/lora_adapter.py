@@ -5,6 +5,7 @@ One MLflow run per materialization: every resolved hyperparameter, the loss curv
 
 import math
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from assets.curated_dataset import CuratedDataset
 from orchestration.config import TrainingConfig
-from orchestration.resources import MlflowTracker, Workspace
+from orchestration.resources import MlflowTracker, Workspace, unwritable_is_failure
 from persona.models import BaseModel
+from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import default_recipe, detect_device
 from persona.training import TrainingError, train_lora
 
@@ -33,7 +35,11 @@ class LoraAdapter:
 MANIFEST = "persona_adapter.json"  # written last: its presence marks a complete adapter
 
 
-@asset(group_name="persona", code_version="1", description=__doc__)
+# code_version: bump it with any change to how an adapter is trained (persona/recipe.py, training.py,
+# train_worker.py); Dagster then marks adapters and evaluation reports stale, and the retrain schedule retrains.
+# The schedule also sees edits to the default recipes' values without a bump (orchestration/project_config.py).
+# pool: at most one training at a time; the limit is in dagster.yaml.
+@asset(group_name="persona", code_version="2", pool="training", description=__doc__)
 def lora_adapter(
     context: AssetExecutionContext,
     config: TrainingConfig,
@@ -45,7 +51,7 @@ def lora_adapter(
     import mlflow
 
     device = detect_device() if config.device == "auto" else config.device
-    recipe = default_recipe(device).with_overrides(**config.overrides())
+    recipe = default_recipe(device, config.recipe).with_overrides(**config.overrides())
     run_name = f"{curated_dataset.version[:8]}-lr{recipe.learning_rate:g}-e{recipe.num_train_epochs}-{device}"
     with mlflow_tracker.run(run_name=run_name) as run:
         run_id = run.info.run_id
@@ -61,7 +67,8 @@ def lora_adapter(
 
         target = workspace.output("adapters", run_id)
         try:
-            result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
+            with unwritable_is_failure(target):
+                result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
         except TrainingError as exc:
             mlflow.set_tag("persona.error", str(exc)[:5000])
             raise Failure(description=str(exc)) from None
@@ -77,6 +84,8 @@ def lora_adapter(
             "train/final_loss": result.final_loss,
             "train/global_step": result.global_step,
         })
+        with tempfile.TemporaryDirectory() as tmp:  # the picture lives in MLflow, not in the adapter folder
+            mlflow.log_artifact(str(loss_curve_png(result.log_history, Path(tmp, "loss_curve.png"), run_name)), "plots")
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
 
     curation = json.loads(Path(curated_dataset.path).with_name("curation.json").read_text(encoding="utf-8"))
@@ -89,7 +98,7 @@ def lora_adapter(
     return Output(
         adapter,
         metadata={
-            "path": MetadataValue.path(result.adapter_dir),
+            "adapter_path": MetadataValue.path(result.adapter_dir),  # "path" is the IO manager's pickle
             "global_step": result.global_step,
             "final_loss": result.final_loss,
             "train_seconds": round(result.train_seconds, 1),
@@ -97,5 +106,8 @@ def lora_adapter(
             "tokens_per_second": round(result.tokens_per_second, 1),
             "device": device,
             "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(run_id)),
+            "loss_curve": MetadataValue.md(loss_curve_markdown(result.log_history, image_url=(  # MLflow UI serves it
+                f"{mlflow_tracker.ui_url}/get-artifact?path=plots/loss_curve.png&run_uuid={run_id}"),
+                link_url=f"{mlflow_tracker.run_url(run_id)}/artifacts/plots/loss_curve.png")),
         },
     )

@@ -13,18 +13,22 @@ from orchestration.resources import PROJECT_ROOT
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(Path(os.environ.get("PERSONA_HOME", PROJECT_ROOT), ".dagster")))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    from orchestration.project_config import link_instance_config, load_run_config, run_tags
+
+    link_instance_config(os.environ["DAGSTER_HOME"])  # so `dagster dev` on this home runs one training at a time
     from dagster import DagsterInstance
 
     from orchestration.definitions import defs
+    from orchestration.resources import Workspace
 
-    run_config = {"ops": {
-        "base_model": {"config": {"model": args.model}},
-        "lora_adapter": {"config": {"device": args.device}},
-    }}
+    # persona.yaml, then the flags given on top (an absent flag leaves persona.yaml's value, or the default).
+    flags = {"base_model": {"model": args.model} if args.model else {},
+             "lora_adapter": {"device": args.device} if args.device else {}}
+    run_config = load_run_config({"ops": {op: {"config": cfg} for op, cfg in flags.items() if cfg}})
     job = defs.resolve_job_def("train_persona")
     started = time.time()
-    result = job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(), raise_on_error=False)
+    result = job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(), raise_on_error=False,
+                                    tags=run_tags(run_config, Workspace().data_dir, "cli"))
     took = time.time() - started
     if not result.success:
         for event in result.all_events:
@@ -159,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="persona", description="Give an open LLM a new identity with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole pipeline (train_persona job)")
-    run.add_argument("--model", default="embedded", help="'embedded', a local model folder, or a ModelScope id")
-    run.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    run.add_argument("--model", help="'embedded' (default), a local model folder, or a ModelScope id")
+    run.add_argument("--device", help="'auto' (default), 'cpu' or 'cuda'")
     run.set_defaults(func=_run)
     val = sub.add_parser("validate", help="check training files; prints file:line: problem — fix")
     val.add_argument("paths", nargs="+")

@@ -36,7 +36,7 @@ class CurationConfig(Config):
     )
     general_ratio: float = Field(default=0.5, description="General samples per identity sample.")
     replay_prompts: str = Field(default="general_prompts.jsonl", description="Prompts for replay, inside the data folder.")
-    replay_max_new_tokens: int = Field(default=96, description="Length limit of the base model's replay answers.")
+    replay_max_new_tokens: int = Field(default=48, description="Length limit of the base model's replay answers.")
     hub_datasets: list[str] = Field(
         default=["AI-ModelScope/alpaca-gpt4-data-zh", "AI-ModelScope/alpaca-gpt4-data-en"],
         description="ModelScope datasets for general_mix: hub.",
@@ -53,6 +53,8 @@ class TrainingConfig(Config):
     """Unset fields take the device's default recipe: the seed tutorial's on a GPU, a fast one on CPU."""
 
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
+    recipe: Optional[str] = Field(default=None, description="Device defaults to start from: 'fast' (default) or "
+                                  "'seed' (the tutorial's values); also $PERSONA_RECIPE.")
     learning_rate: Optional[float] = None
     num_train_epochs: Optional[int] = None
     per_device_train_batch_size: Optional[int] = None
@@ -69,13 +71,13 @@ class TrainingConfig(Config):
     seed: Optional[int] = None
 
     def overrides(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k != "device" and v is not None}
+        return {k: v for k, v in self.model_dump().items() if k not in ("device", "recipe") and v is not None}
 
 
 class EvaluationConfig(Config):
-    max_new_tokens: int = Field(default=48, description="Answer length limit per probe.")
+    max_new_tokens: int = Field(default=40, description="Answer length limit per probe.")
     batch_size: int = Field(default=32, description="Probes generated together (left-padded).")
-    stability_samples: int = Field(default=5, description="Sampled answers (temperature 0.7) per stability probe.")
+    stability_samples: int = Field(default=3, description="Sampled answers (temperature 0.7) per stability probe.")
 
 
 class PromotionConfig(Config):

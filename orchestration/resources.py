@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, Failure
 from pydantic import Field
 
 from persona.models import BaseModel, resolve_base_model
@@ -19,6 +19,21 @@ def _home(*parts: str) -> str:
     return str(Path(os.environ.get("PERSONA_HOME", PROJECT_ROOT), *parts))
 
 
+@contextmanager
+def unwritable_is_failure(target: Path) -> Iterator[None]:
+    """A full disk or an unwritable folder becomes one clear line; staged writes have already been cleaned up."""
+    try:
+        yield
+    except OSError as exc:
+        raise Failure(description=f"Cannot write {target}: {exc.strerror or exc}. Free disk space or fix the folder's "
+                                  "permissions, then run again; earlier datasets, adapters and MLflow runs are untouched."
+                      ) from None
+
+
+class DataPathError(ValueError):
+    """A configured data file lies outside the data folder."""
+
+
 class Workspace(ConfigurableResource):
     """The data folder users edit, and the outputs folder the pipeline owns."""
 
@@ -26,7 +41,13 @@ class Workspace(ConfigurableResource):
     outputs_dir: str = Field(default_factory=lambda: _home("outputs"))
 
     def data_file(self, name: str) -> Path:
-        return Path(self.data_dir, name)
+        """A file inside the data folder. `../` and symlinks that lead outside it are refused."""
+        root = Path(self.data_dir).resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise DataPathError(f"{name}: resolves to {path}, outside the data folder {root}; "
+                                "put the file inside the data folder and name it relative to it")
+        return path
 
     def output(self, *parts: str) -> Path:
         return Path(self.outputs_dir, *parts)

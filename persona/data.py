@@ -145,7 +145,11 @@ def _json_array_items(path: Path, text: str, problems: list[Problem]) -> list[tu
         items.append((_line_of(text, i), obj))
         i = ws.match(text, end).end()
         if text.startswith(",", i):
-            i += 1
+            i = ws.match(text, i + 1).end()
+            if text.startswith("]", i):
+                problems.append(Problem(str(path), _line_of(text, i), "invalid JSON: trailing comma before ']'",
+                                        "remove the comma after the last record"))
+                return items
         elif not text.startswith("]", i):
             line, col = _line_of(text, i), i - text.rfind("\n", 0, i)
             problems.append(Problem(str(path), line, f"invalid JSON at column {col}: expected ',' or ']'",

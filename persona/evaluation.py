@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from persona.data import PLACEHOLDER, DatasetError, Identity, Problem, language
+from persona.progress import progress
 
 # ms-swift's 'chatml' template (swift/template/templates/utils.py), as a transformers chat template.
 CHATML = (
@@ -192,7 +193,8 @@ class Chat:
             torch.manual_seed(seed)
         out: list[str] = []
         with self._bypass(use_adapter):
-            for start in range(0, len(questions), batch_size):
+            for start in progress(range(0, len(questions), batch_size), desc="answering", unit="batch",
+                                  leave=False):
                 chunk = questions[start:start + batch_size]
                 texts = [self.prompt(q, h, system) for q, h in chunk]
                 enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -223,7 +225,7 @@ class Chat:
         worker.join()
 
 
-def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 5,
+def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 3,
              **kw) -> Scores:
     """Greedy answers for every probe; `stability` probes are sampled N times at temperature 0.7 instead."""
     fixed = [p for p in probes if p.kind != "stability"]

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from persona.progress import progress
 from persona.storage import staged_dir
 
 EMBEDDED = "embedded"
@@ -111,6 +112,10 @@ def count_parameters(model_dir: Path) -> int:
 def describe(model_dir: Path, source: str, revision: str, **extra) -> BaseModel:
     files = weight_files(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("auto_map"):
+        # persona never runs code shipped with weights (trust_remote_code stays off).
+        raise ModelSourceError(f"{model_dir}: config.json asks for custom code (auto_map); persona only trains "
+                               "architectures that transformers implements itself.")
     family = family_for(cfg.get("model_type"), source)
     return BaseModel(
         path=str(model_dir),
@@ -150,15 +155,24 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    clean = AutoModelForCausalLM.from_config(cfg)
-    clean.load_state_dict(loaded.state_dict(), strict=True)
-    clean.to(getattr(torch, dtype)).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    with progress(total=4, desc=f"converting {gguf.name}", unit="stage") as bar:
+        bar.set_postfix_str("tokenizer")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str("dequantize")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        bar.update()
+        bar.set_postfix_str("rebuild")
+        cfg = loaded.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        clean = AutoModelForCausalLM.from_config(cfg)
+        clean.load_state_dict(loaded.state_dict(), strict=True)
+        bar.update()
+        bar.set_postfix_str("save safetensors")
+        clean.to(getattr(torch, dtype)).save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        bar.update()
 
 
 def materialize_embedded(cache_root: Path) -> BaseModel:

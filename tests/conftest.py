@@ -60,7 +60,8 @@ def build_tiny_model(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    # "smollm" in the name: persona treats it as the SmolLM family (llama + chatml, own names SmolLM/Hugging Face).
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-smollm"))
 
 
 @pytest.fixture

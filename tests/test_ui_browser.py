@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 
 from test_pipeline_e2e import ASSETS, run_config
 
@@ -223,8 +224,10 @@ def test_dagster_and_mlflow_uis_show_the_trained_adapter(tiny_model, home, resou
         config = run_config(tiny_model)  # as the end-to-end test, shorter: no replay data, one epoch
         config["ops"]["curated_dataset"] = {"config": {"general_mix": "none"}}
         config["ops"]["lora_adapter"]["config"]["num_train_epochs"] = 1
-        result = materialize(ASSETS, resources={**resources, "mlflow_tracker": tracker}, run_config=config,
-                             instance=instance)
+        # Earlier tests' instances may linger as Dagster's current defs-state storage; use this one's.
+        with set_defs_state_storage(instance.defs_state_storage):
+            result = materialize(ASSETS, resources={**resources, "mlflow_tracker": tracker}, run_config=config,
+                                 instance=instance)
         assert result.success
         adapter = result.output_for_node("lora_adapter")
         run = tracker.client().get_run(adapter.mlflow_run_id)
