@@ -62,7 +62,7 @@ def lora_adapter(
         context.log.info(f"Training on {device} with {recipe}; MLflow run {run_id}")
 
         def progress(p: dict) -> None:
-            context.log.info(f"step {p.get('global_step/max_steps')}: loss {p.get('loss')}, "
+            context.log.info(f"step {p.get('global_step/max_steps')}: loss {p.get('loss', p.get('train_loss'))}, "
                              f"elapsed {p.get('elapsed_time')}, remaining {p.get('remaining_time')}")
 
         target = workspace.output("adapters", run_id)
