@@ -6,7 +6,6 @@ local socket. Every process the test starts is stopped at the end, its whole pro
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from dagster._core.scheduler.instigation import InstigatorType
 
 from orchestration.project_config import TRIGGER_TAG, link_instance_config
+from processes import stop
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,22 +45,6 @@ def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; daemon log ends with:\n"
                          + daemon_log.read_text(errors="replace")[-4000:])
 
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the daemon's process group: the daemon, its code server, run workers and their training children
-    (none of them starts a session of its own). SIGTERM first, SIGKILL for whatever is left after 20 s."""
-    deadline = time.time() + 20
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            while time.time() < deadline:
-                proc.poll()  # reap the daemon, so that its group can empty
-                os.killpg(proc.pid, 0)
-                time.sleep(0.5)
-        except ProcessLookupError:
-            break
-        deadline = time.time() + 5
-    proc.wait(5)
 
 
 def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp_path_factory):

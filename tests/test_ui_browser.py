@@ -6,7 +6,6 @@ Debian's chromedriver, looks at the asset graph, the adapter's metadata, the MLf
 Screenshots go to $PERSONA_SCREENSHOTS (default tests/artifacts/). Every process started here is stopped at the end.
 """
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import stop
 from dagster import DagsterInstance, materialize
 from dagster._core.storage.defs_state.base import set_defs_state_storage
 
@@ -74,21 +74,6 @@ def serve(argv: list, log: Path, cwd: Path, env: dict) -> subprocess.Popen:
         return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL for whatever is left after 10 s."""
-    deadline = time.time() + 10
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            while time.time() < deadline:
-                proc.poll()  # reap the leader, so that its group can empty
-                os.killpg(proc.pid, 0)
-                time.sleep(0.2)
-        except ProcessLookupError:
-            break
-        deadline = time.time() + 5
-    proc.wait(5)
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
@@ -243,5 +228,5 @@ def test_dagster_and_mlflow_uis_show_the_trained_adapter(tiny_model, home, resou
         if driver is not None:
             driver.quit()
         for proc in servers.values():
-            stop(proc)
+            stop(proc, grace=10)
         instance.dispose()
