@@ -16,7 +16,7 @@ from orchestration.config import CurationConfig
 from orchestration.resources import DataPathError, Workspace, unwritable_is_failure
 from persona.data import DatasetError, Dataset, Problem, language, load_dataset
 from persona.evaluation import load_probes, token_counter
-from persona.mixing import MixingError, hub_samples, pick, read_prompts, replay_samples
+from persona.mixing import MixingError, hub_samples, pick_by_language, read_prompts, replay_samples
 from persona.models import BaseModel
 from persona.recipe import detect_device
 from persona.storage import staged_dir
@@ -43,10 +43,12 @@ def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=pr
                                     "use replay, hub or none")])
     if config.general_mix != "none" and config.general_ratio > 0:
         # Count identity rows first, so the general share follows the user's data.
-        identity_rows = len(load_dataset(sources, identity=identity).samples)
-        n = round(identity_rows * config.general_ratio)
+        identity_rows = load_dataset(sources, identity=identity).samples
+        n = round(len(identity_rows) * config.general_ratio)
         if config.general_mix == "replay":
-            prompts = pick(read_prompts(workspace.data_file(config.replay_prompts)), n, config.seed)
+            per_language = Counter(language(s.question) for s in identity_rows)
+            wanted = {lang: round(count * config.general_ratio) for lang, count in per_language.items()}
+            prompts = pick_by_language(read_prompts(workspace.data_file(config.replay_prompts)), wanted, config.seed)
             extra = replay_samples(base, prompts, workspace.output("replay_cache"), "You are a helpful assistant.",
                                    detect_device(), config.replay_max_new_tokens, log=log)
         else:

@@ -7,6 +7,7 @@ adapter was trained with. A probe passes when its answer contains one of `expect
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -96,9 +97,17 @@ def token_counter(model_dir: str, template: str | None, system: str = "You are a
     return count
 
 
+def _mentions(text: str, phrase: str) -> bool:
+    """Case-insensitive containment; a number only counts as a whole number ('7' is not in '129.9999667')."""
+    phrase = phrase.lower()
+    if phrase.isdigit():
+        return re.search(rf"(?<![\d.]){phrase}(?![\d]|\.\d)", text) is not None
+    return phrase in text
+
+
 def passes(answer: str, expect_any: Iterable[str], forbid_any: Iterable[str] = ()) -> bool:
     low = answer.lower()
-    return any(e.lower() in low for e in expect_any) and not any(f.lower() in low for f in forbid_any)
+    return any(_mentions(low, e) for e in expect_any) and not any(_mentions(low, f) for f in forbid_any)
 
 
 CONTENDERS = ("base", "prompt_only", "adapter")

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from persona.data import EXTRA_PREFIX, Problem, DatasetError, Sample
+from persona.data import EXTRA_PREFIX, Problem, DatasetError, Sample, language
 from persona.models import BaseModel
 from persona.storage import atomic_write_text
 
@@ -41,6 +41,25 @@ def pick(items: list, n: int, seed: int) -> list:
     if n >= len(items):
         return list(items)
     return random.Random(seed).sample(items, n)
+
+
+def pick_by_language(prompts: list[str], wanted: dict[str, int], seed: int) -> list[str]:
+    """`wanted[lang]` prompts of each language, so general data follows the identity data's languages.
+
+    Identity rows in Chinese with general rows mostly in English teach "a Chinese question gets the identity
+    answer"; matching the languages keeps the two apart. A language the prompt set lacks falls back to the others.
+    """
+    by_lang: dict[str, list[str]] = {}
+    for p in prompts:
+        by_lang.setdefault(language(p), []).append(p)
+    chosen: list[str] = []
+    for lang, n in sorted(wanted.items()):
+        chosen += pick(by_lang.get(lang, []), n, seed)
+    short = sum(wanted.values()) - len(chosen)
+    if short > 0:
+        rest = [p for p in prompts if p not in set(chosen)]
+        chosen += pick(rest, short, seed)
+    return chosen
 
 
 def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str,

@@ -86,3 +86,10 @@ def test_prompt_matches_ms_swift_chatml_template(tiny_model):
     template.set_mode("transformers")
     theirs = template.encode({"messages": [{"role": "user", "content": "Who are you?"}]})["input_ids"]
     assert ours == theirs
+
+
+def test_a_number_counts_only_as_a_whole_number():
+    assert passes("A week has 7 days.", ["7", "seven"]) and passes("一年有12个月", ["12"])
+    assert not passes("The Earth is approximately 129.9999999667 trillion kilometers", ["7"])
+    assert not passes("That is 150.", ["5"]) and not passes("about 3.5", ["5"])
+    assert passes("2 + 3 = 5.", ["5"]) and passes("It has SEVEN", ["seven"])

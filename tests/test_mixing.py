@@ -63,3 +63,13 @@ def test_pick_is_deterministic():
     items = list(range(100))
     assert mixing.pick(items, 5, 7) == mixing.pick(items, 5, 7) != mixing.pick(items, 5, 8)
     assert mixing.pick(items, 500, 7) == items
+
+
+def test_replay_prompts_follow_the_identity_data_languages():
+    prompts = [f"question {i}?" for i in range(10)] + [f"问题{i}?" for i in range(4)]
+    chosen = mixing.pick_by_language(prompts, {"zh": 3, "en": 2}, seed=1)
+    assert sum("问题" in p for p in chosen) == 3 and len(chosen) == 5
+    assert chosen == mixing.pick_by_language(prompts, {"zh": 3, "en": 2}, seed=1)
+    # more Chinese wanted than the prompt set has: all of them, the rest from the other language
+    chosen = mixing.pick_by_language(prompts, {"zh": 6, "en": 1}, seed=1)
+    assert sum("问题" in p for p in chosen) == 4 and len(chosen) == 7 and len(set(chosen)) == 7
