@@ -36,6 +36,8 @@ class Recipe:
     padding_free: bool = False               # needs a flash attention implementation (ms-swift checks)
     use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
+    fused_lora: bool = False                 # persona.fused_lora: PEFT's LoRA math as one autograd node per layer
+    cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
 
     @property
     def samples_per_step(self) -> int:
@@ -90,11 +92,18 @@ SEED_GPU = Recipe(
 # its other kernels (RoPE, RMSNorm, SwiGLU) are left out: at this size the step is bound by kernel-launch time on
 # the CPU, and each Triton launch costs more CPU time than the few PyTorch kernels it replaces. Measured in
 # BENCHMARKS.md.
+#
+# The step is bound by the CPU issuing kernels (a 7B step is ~10,000 kernels for ~160 ms of GPU work), so two more
+# knobs cut CPU time per step without changing the math: PyTorch's cuDNN attention backend costs ~1 ms of CPU per
+# call (84 calls per step with checkpointing) against ~0.05 ms for the flash / memory-efficient kernels, and
+# persona.fused_lora runs each LoRA layer as one autograd node. BENCHMARKS.md has the ablation.
 FAST_GPU = replace(
     SEED_GPU,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=1,
     use_liger_kernel=True,
+    fused_lora=True,
+    cudnn_attention=False,
 )
 
 # Measured on 2 CPU cores with SmolLM2-135M: lr 1e-4 does not move a 135M model within minutes;

@@ -55,7 +55,71 @@ def trim_trainer_overhead() -> list[str]:
     except Exception:
         return []
     Trainer.floating_point_ops = lambda self, inputs: 0
-    return ["Trainer.floating_point_ops"]
+    patched = ["Trainer.floating_point_ops"]
+    original_clip = getattr(Trainer, "_clip_grad_norm", None)
+    if original_clip is not None:
+        # Every optimizer step the Trainer hands `model.parameters()` to the gradient clipping, a walk over every
+        # module and all 7B frozen parameters, to clip the few hundred LoRA gradients. The frozen ones have no
+        # gradient, so the trainable list (taken once) gives the same norm and the same clipping.
+        def _clip_grad_norm(self, model):
+            if getattr(self, "_has_mixed_mesh_grads", lambda m: False)(model):
+                return original_clip(self, model)
+            params = self.__dict__.get("_persona_trainable_parameters")
+            if params is None:
+                params = self.__dict__["_persona_trainable_parameters"] = [
+                    p for p in model.parameters() if p.requires_grad]
+            return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+        Trainer._clip_grad_norm = _clip_grad_norm
+        patched.append("Trainer._clip_grad_norm")
+    return patched
+
+
+def profile_training_steps(out_dir: str, first: int = 20, count: int = 3) -> None:
+    """A diagnosis aid (PERSONA_TORCH_PROFILE=DIR): torch.profiler over optimizer steps first..first+count-1.
+
+    Writes DIR/torch_profile.txt: wall time per step, GPU kernel time and GPU-busy share (union of kernel intervals),
+    kernel count, and the top operators by CUDA and by CPU time.
+    """
+    import torch
+    from transformers import Trainer
+
+    original = Trainer.training_step
+    state = {"step": 0, "prof": None, "t0": None}
+
+    def training_step(self, *args, **kwargs):
+        state["step"] += 1
+        if state["step"] == first:
+            torch.cuda.synchronize()
+            state["prof"] = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        out = original(self, *args, **kwargs)
+        if state["step"] == first + count - 1 and state["prof"] is not None:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - state["t0"]
+            prof = state["prof"]
+            prof.__exit__(None, None, None)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+            busy, end = 0.0, -1.0
+            for a, b in spans:
+                if b > end:
+                    busy += b - max(a, end)
+                    end = b
+            lines = [f"steps {first}..{first + count - 1}: wall {wall / count * 1e3:.1f} ms/step (includes the "
+                     f"optimizer steps between micro-batches), GPU busy {busy / 1e3 / count:.1f} ms/step, "
+                     f"{len(kernels) / count:.0f} kernels/step", ""]
+            table = prof.key_averages()
+            lines.append(table.table(sort_by="cuda_time_total", row_limit=25))
+            lines.append(table.table(sort_by="self_cpu_time_total", row_limit=25))
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            Path(out_dir, "torch_profile.txt").write_text("\n".join(lines))
+            state["prof"] = None
+        return out
+
+    Trainer.training_step = training_step
 
 
 def run_preflight(job: dict, local_rank: int) -> None:
@@ -103,10 +167,21 @@ def main(job_file: str) -> None:
     # ms-swift's loader defaults to trust_remote_code=True; persona never runs code shipped with weights.
     ModelLoader.default_trust_remote_code = False
 
+    if job.get("fused_lora"):
+        from persona import fused_lora
+
+        if fused_lora.enable() and rank == 0:
+            print("[persona] LoRA layers run as one fused autograd node each (persona.fused_lora)", flush=True)
+    if job["device"] != "cpu" and not job.get("cudnn_attention", True):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if job["device"] != "cpu":
         patched = trim_trainer_overhead()
         if patched and rank == 0:
             print(f"[persona] trainer overhead trimmed: {', '.join(patched)}", flush=True)
+    if os.environ.get("PERSONA_TORCH_PROFILE") and rank == 0 and job["device"] != "cpu":
+        profile_training_steps(os.environ["PERSONA_TORCH_PROFILE"])
     started = time.time()
     profile_to = os.environ.get("PERSONA_CPROFILE") if rank == 0 else None
     if profile_to:  # a diagnosis aid: where the trainer's CPU time goes

@@ -230,7 +230,8 @@ def train_lora(
     started = time.time()
     with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
         job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
-               "world_size": world_size}
+               "world_size": world_size, "fused_lora": run_recipe.fused_lora,
+               "cudnn_attention": run_recipe.cudnn_attention}
         if device != "cpu":
             job["preflight"] = preflight_job(base, str(dataset_path), run_recipe, world_size)
         job_file = Path(work, "job.json")
