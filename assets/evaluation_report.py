@@ -15,8 +15,8 @@ from assets.lora_adapter import LoraAdapter
 from orchestration.config import EvaluationConfig
 from orchestration.resources import MlflowTracker
 from persona.data import Identity
-from persona.evaluation import (Chat, as_json, compare, comparison_table, identity_system_prompt, load_probes, metrics,
-                                scores_table)
+from persona.evaluation import (Chat, as_json, compare, comparison_table, default_batch_size, identity_system_prompt,
+                                load_probes, metrics, scores_table)
 from persona.models import BaseModel
 
 
@@ -36,7 +36,8 @@ def evaluation_report(
     chat = Chat(base_model.path, lora_adapter.path, base_model.template, lora_adapter.system, lora_adapter.device)
     context.log.info(f"Asking {len(probes)} probes to the base model, to the prompt-only variant and to base + adapter")
     results = compare(chat, probes, base_model.own_identity, identity_system_prompt(identity, lora_adapter.system),
-                      max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                      max_new_tokens=config.max_new_tokens,
+                      batch_size=config.batch_size or default_batch_size(lora_adapter.device),
                       stability_samples=config.stability_samples,
                       on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
     scores = metrics(results)

@@ -36,7 +36,7 @@ def build(model_dir: str) -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(model_dir)
+    model.save_pretrained(model_dir, max_shard_size="4GB")  # four shards, as Qwen/Qwen2.5-7B-Instruct ships
     for f in TOKENIZER_DIR.iterdir():
         shutil.copy2(f, Path(model_dir, f.name))
     print(f"built {model_dir} in {time.time() - t0:.1f} s", flush=True)

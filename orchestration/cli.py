@@ -104,7 +104,8 @@ def _chat(args: argparse.Namespace, manifest: dict, folder: str):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from persona.data import DatasetError, Identity
-    from persona.evaluation import as_json, compare, comparison_table, identity_system_prompt, load_probes, scores_table
+    from persona.evaluation import (as_json, compare, comparison_table, default_batch_size, identity_system_prompt,
+                                    load_probes, scores_table)
     from persona.models import BaseModel
 
     manifest, folder = _adapter(args)
@@ -117,7 +118,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     own = BaseModel.from_dir(manifest["base_model"]).own_identity
     results = compare(_chat(args, manifest, folder), probes, own, identity_system_prompt(identity, manifest["system"]),
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or default_batch_size(manifest["device"]))
     if args.json:
         print(json.dumps(as_json(results), ensure_ascii=False, indent=2))
     else:
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--cases", help="probe file (JSONL: kind, question, expect_any, ...); default: the "
                                              "adapter's own held-out probes")
             cmd.add_argument("--json", action="store_true", help='print {"base": {kind: score}, "prompt_only": ..., "adapter": ...}')
-            cmd.add_argument("--batch-size", type=int, default=32)
+            cmd.add_argument("--batch-size", type=int, default=None, help="probes generated together "
+                             "(default 32 on a CPU, 128 on a GPU)")
         if name == "ask":
             cmd.add_argument("question")
         cmd.set_defaults(func=func)

@@ -76,7 +76,8 @@ class TrainingConfig(Config):
 
 class EvaluationConfig(Config):
     max_new_tokens: int = Field(default=40, description="Answer length limit per probe.")
-    batch_size: int = Field(default=32, description="Probes generated together (left-padded).")
+    batch_size: Optional[int] = Field(default=None, description="Probes generated together (left-padded); "
+                                      "default 32 on a CPU, 128 on a GPU.")
     stability_samples: int = Field(default=3, description="Sampled answers (temperature 0.7) per stability probe.")
 
 

@@ -82,3 +82,9 @@ def resources(home):
         "mlflow_tracker": MlflowTracker(tracking_uri=f"sqlite:///{home}/mlruns/mlflow.db",
                                         artifact_root=str(home / "mlruns" / "artifacts")),
     }
+
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path_factory, monkeypatch):
+    """Weight digests are remembered in a test-session folder, not in the user's ~/.cache."""
+    monkeypatch.setenv("PERSONA_HASH_CACHE", str(tmp_path_factory.getbasetemp() / "file-hashes.json"))

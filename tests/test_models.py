@@ -51,3 +51,27 @@ def test_unreachable_hub_gives_one_clear_line(tmp_path, monkeypatch):
 def test_local_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ModelSourceError, match="no config.json"):
         models.from_local_dir(str(tmp_path))
+
+
+def test_weight_digests_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from persona import models
+
+    monkeypatch.setenv("PERSONA_HASH_CACHE", str(tmp_path / "cache" / "hashes.json"))
+    a, b = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    a.write_bytes(b"first shard")
+    b.write_bytes(b"second shard")
+    reads = []
+    real = models._file_sha256
+    monkeypatch.setattr(models, "_file_sha256", lambda p: reads.append(p.name) or real(p))
+
+    assert models.sha256_files([a]) == hashlib.sha256(b"first shard").hexdigest()  # one file: its plain sha256
+    both = models.sha256_files([a, b])
+    assert reads == [a.name, b.name] and both != models.sha256_files([a])
+    assert models.sha256_files([a, b]) == both and reads == [a.name, b.name]        # remembered: nothing read
+    b.write_bytes(b"second shard, retrained")
+    os.utime(b, ns=(1, 1))                                                          # any stat change counts
+    changed = models.sha256_files([a, b])
+    assert reads[-1] == b.name and len(reads) == 3 and changed != both
