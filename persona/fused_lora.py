@@ -4,16 +4,17 @@ PEFT computes `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling` through t
 with fp32 adapter weights (what ms-swift sets up) that is ~9 kernels per LoRA layer forward (casts of the input
 and of both adapter weights, dropout, two matmuls, scale, add), ~9 again in the gradient-checkpointing
 recomputation and ~12 in backward, each issued by Python. On a 7B model at 16 short samples per step the GPU
-finishes them faster than the CPU issues them, so their count is the step time.
+finishes them faster than the CPU issues them, so fewer of them shorten the step (−6 % train time and 0.16 GiB
+less peak on the seed workload, BENCHMARKS.md).
 
 `LoraDelta` computes the same function as one autograd node:
 
     forward:  xd = dropout(x); h = xd @ A^T; out = addmm(result, h, B^T, alpha=scaling)
     backward: dB = scaling * g^T h; u = scaling * g B; dA = u^T xd; dx = dropout_backward(u A)
 
-in the compute dtype (bf16 under autocast), with the fp32 adapter weights cast once per optimizer step (the casts
-are cached until the next optimizer step, so the checkpointing recomputation reuses them) and gradients
-returned in fp32, as PEFT's autocast path produces them. The dropout mask is drawn by the same torch RNG, so
+in the compute dtype (bf16 under autocast). The fp32 adapter weights are cast once per optimizer step (the
+gradient-checkpointing recomputation reuses the copies) and gradients are returned in fp32, as PEFT's autocast
+path produces them. The dropout mask is drawn by the same torch RNG, so
 gradient checkpointing replays it.
 
 Only plain LoRA on `nn.Linear` with one active adapter takes this path; everything else (DoRA and other variants,
