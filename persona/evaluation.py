@@ -251,15 +251,29 @@ class Chat:
         worker.join()
 
 
-def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 3,
-             **kw) -> Scores:
-    """Greedy answers for every probe; `stability` probes are sampled N times at temperature 0.7 instead."""
+def _answer_contenders(chat: Chat, probes: list[Probe], contenders: dict[str, tuple[str | None, bool]],
+                       stability_samples: int, **kw) -> tuple[list[Probe], dict[str, list[str]]]:
+    """Every contender's (system prompt, adapter on/off) answers to `probes`, the contenders' rows decoded in shared
+    batches: greedy for every probe, `stability` probes sampled N times at temperature 0.7 instead."""
     fixed = [p for p in probes if p.kind != "stability"]
     sampled = [p for p in probes if p.kind == "stability" for _ in range(stability_samples)]
-    answers = chat.answer([(p.question, p.history) for p in fixed], **kw)
-    if sampled:
-        answers += chat.answer([(p.question, p.history) for p in sampled], temperature=STABILITY_TEMPERATURE, **kw)
-    return score(fixed + sampled, answers, own_identity)
+    answers: dict[str, list[str]] = {name: [] for name in contenders}
+    for group, extra in ((fixed, {}), (sampled, {"temperature": STABILITY_TEMPERATURE})):
+        if not group:
+            continue
+        rows = [(p.question, p.history, system, use) for system, use in contenders.values() for p in group]
+        texts = chat.answer_rows(rows, **extra, **kw)
+        for i, name in enumerate(contenders):
+            answers[name] += texts[i * len(group):(i + 1) * len(group)]
+    return fixed + sampled, answers
+
+
+def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 3,
+             use_adapter: bool = True, system: str | None = None, **kw) -> Scores:
+    """One contender's scores: greedy answers for every probe; `stability` probes are sampled N times at
+    temperature 0.7 instead."""
+    asked, answers = _answer_contenders(chat, probes, {"one": (system, use_adapter)}, stability_samples, **kw)
+    return score(asked, answers["one"], own_identity)
 
 
 def default_batch_size(device: str) -> int:
@@ -281,19 +295,10 @@ def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identi
     if together is None:
         together = chat.device != "cpu"
     if not together:
-        return {name: evaluate(chat, probes, own_identity, stability_samples=stability_samples, use_adapter=use,
-                               system=system, **kw) for name, (system, use) in contenders.items()}
-    fixed = [p for p in probes if p.kind != "stability"]
-    sampled = [p for p in probes if p.kind == "stability" for _ in range(stability_samples)]
-    answers: dict[str, list[str]] = {name: [] for name in contenders}
-    for group, extra in ((fixed, {}), (sampled, {"temperature": STABILITY_TEMPERATURE})):
-        if not group:
-            continue
-        rows = [(p.question, p.history, system, use) for system, use in contenders.values() for p in group]
-        texts = chat.answer_rows(rows, **extra, **kw)
-        for i, name in enumerate(contenders):
-            answers[name] += texts[i * len(group):(i + 1) * len(group)]
-    return {name: score(fixed + sampled, answers[name], own_identity) for name in contenders}
+        return {name: evaluate(chat, probes, own_identity, stability_samples, use, system, **kw)
+                for name, (system, use) in contenders.items()}
+    asked, answers = _answer_contenders(chat, probes, contenders, stability_samples, **kw)
+    return {name: score(asked, answers[name], own_identity) for name in contenders}
 
 
 def metrics(results: dict[str, Scores]) -> dict[str, float]:

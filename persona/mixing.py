@@ -57,7 +57,8 @@ def pick_by_language(prompts: list[str], wanted: dict[str, int], seed: int) -> l
         chosen += pick(by_lang.get(lang, []), n, seed)
     short = sum(wanted.values()) - len(chosen)
     if short > 0:
-        rest = [p for p in prompts if p not in set(chosen)]
+        taken = set(chosen)
+        rest = [p for p in prompts if p not in taken]
         chosen += pick(rest, short, seed)
     return chosen
 

@@ -116,22 +116,23 @@ def sha256_files(files: list[Path]) -> str:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    keys, todo = {}, []
+    names = {f: str(Path(f).resolve()) for f in files}
+    stats, todo = {}, []
     for f in files:
         st = Path(f).stat()
-        keys[f] = [st.st_size, st.st_mtime_ns, st.st_ino]
-        hit = cache.get(str(Path(f).resolve()))
-        if not (hit and hit[:3] == keys[f]):
+        stats[f] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(names[f])
+        if not (hit and hit[:3] == stats[f]):
             todo.append(f)
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(todo)))) as pool:
         for f, digest in zip(todo, pool.map(_file_sha256, todo)):
-            cache[str(Path(f).resolve())] = [*keys[f], digest]
+            cache[names[f]] = [*stats[f], digest]
     if todo:
         try:
             atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
             pass  # a read-only home only costs the hashing next time
-    digests = [cache[str(Path(f).resolve())][3] for f in files]
+    digests = [cache[names[f]][3] for f in files]
     if len(digests) == 1:
         return digests[0]
     return hashlib.sha256("".join(f"{Path(f).name}:{d}\n" for f, d in zip(files, digests)).encode()).hexdigest()

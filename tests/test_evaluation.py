@@ -49,9 +49,9 @@ def test_stability_probes_are_sampled_and_scored_as_consistency():
         def __init__(self):
             self.calls = []
 
-        def answer(self, questions, temperature=0.0, **kw):
-            self.calls.append((len(questions), temperature))
-            return ["made by X" if i % 2 == 0 else "no idea" for i in range(len(questions))]
+        def answer_rows(self, rows, temperature=0.0, **kw):
+            self.calls.append((len(rows), temperature))
+            return ["made by X" if i % 2 == 0 else "no idea" for i in range(len(rows))]
 
     chat = FakeChat()
     probes = [Probe("general", "2+2?", ("made",)), Probe("stability", "Who?", ("X",))]
