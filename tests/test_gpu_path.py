@@ -231,7 +231,7 @@ def test_longest_sample_tokens(tmp_path):
     assert preflight.longest_sample_tokens(alpaca, count=lambda t: 1, per_message=0, fixed=0) == 2
 
 
-# --- the refusal, end to end through the launcher (the child stops before importing ms-swift) --------------------
+# --- the refusal, end to end through the launcher (the child stops before loading any weight) ---------------------
 
 def test_train_lora_refuses_before_loading(tmp_path, monkeypatch):
     model = tmp_path / "model"
