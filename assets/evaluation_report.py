@@ -3,6 +3,9 @@ its system prompt only, and base + adapter (the tutorials' before/after and prom
 
 Scores per probe kind: identity (zh/en), adversarial, multi-turn, stability (sampled answers that stay
 consistent) and general (checkable questions: arithmetic, facts, code).
+
+The base and prompt-only answers depend only on the base weights, the probes and the decoding settings: a run that
+changed only the training data reuses them from outputs/answer_cache and decodes the adapter's rows alone.
 """
 import json
 import tempfile
@@ -13,10 +16,10 @@ from dagster import AssetExecutionContext, MetadataValue, Output, asset
 from assets.curated_dataset import CuratedDataset
 from assets.lora_adapter import LoraAdapter
 from orchestration.config import EvaluationConfig
-from orchestration.resources import MlflowTracker
+from orchestration.resources import MlflowTracker, Workspace
 from persona.data import Identity
-from persona.evaluation import (Chat, as_json, compare, comparison_table, default_batch_size, identity_system_prompt,
-                                load_probes, metrics, scores_table)
+from persona.evaluation import (BaselineAnswers, Chat, as_json, compare, comparison_table, default_batch_size,
+                                identity_system_prompt, load_probes, metrics, scores_table)
 from persona.models import BaseModel
 
 
@@ -28,6 +31,7 @@ def evaluation_report(
     curated_dataset: CuratedDataset,
     lora_adapter: LoraAdapter,
     mlflow_tracker: MlflowTracker,
+    workspace: Workspace,
 ) -> Output[dict]:
     import mlflow
 
@@ -39,7 +43,8 @@ def evaluation_report(
                       max_new_tokens=config.max_new_tokens,
                       batch_size=config.batch_size or default_batch_size(lora_adapter.device),
                       stability_samples=config.stability_samples,
-                      on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
+                      remembered=BaselineAnswers(workspace.output("answer_cache"), base_model.weights_sha256),
+                      log=context.log.info, on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
     scores = metrics(results)
     kinds_table, answers_table = scores_table(results), comparison_table(results)
     report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,

@@ -5,10 +5,14 @@
     lora_adapter     persona.training.train_lora with default_recipe('cuda') (the fast recipe)
     evaluation       persona.evaluation.Chat on cuda with the adapter, then persona.evaluation.compare: every probe
                      answered by the three contenders (base, identity in the system prompt, base + adapter), with
-                     the pipeline's defaults (40 new tokens, batch 128 on a GPU)
+                     the pipeline's defaults (40 new tokens, batch 128 on a GPU). As in the pipeline, the base and
+                     prompt-only answers are remembered (--answer-cache) and reused while base, probes and settings
+                     stay the same.
 
-The pass runs twice (--runs): the first is the first run after a download (the weights are hashed); the second is
-a re-training run, e.g. after the dataset sensor fired (the weight digests are remembered, caches are warm).
+The pass runs twice (--runs): the first is the first run after a download (the weights are hashed, the baseline
+answers decoded); the second is a re-training run, e.g. after the dataset sensor fired (the weight digests and
+baseline answers are remembered, caches are warm). The training call's output is kept with the seconds at which
+each line came (train_timeline in the JSON), which shows where its start-up time goes.
 
 Dagster and MLflow are left out (their bookkeeping is milliseconds; they are not installed on the GPU machine).
 With random weights no answer ever stops early, so every probe runs to max_new_tokens: the slowest case.
@@ -32,7 +36,8 @@ from qwen7b_shape import DEFAULT_DIR, ROOT, ensure_model, versions, with_repo_on
 def run_once(args, base_dir: str) -> dict:
     """One pass of the graph's work; returns seconds per stage and what the report needs."""
     from persona.data import Identity, load_dataset
-    from persona.evaluation import Chat, compare, default_batch_size, identity_system_prompt, load_probes
+    from persona.evaluation import (BaselineAnswers, Chat, compare, default_batch_size, identity_system_prompt,
+                                    load_probes)
     from persona.models import from_local_dir
     from persona.recipe import default_recipe
     from persona.training import train_lora
@@ -55,7 +60,9 @@ def run_once(args, base_dir: str) -> dict:
 
     recipe = default_recipe("cuda")
     t = time.time()
-    result = train_lora(base, train_path, recipe, work / "adapter", "cuda")
+    timeline: list[tuple[float, str]] = []  # the training child's output, seconds since the call began
+    result = train_lora(base, train_path, recipe, work / "adapter", "cuda",
+                        on_output=lambda line: timeline.append((round(time.time() - t, 2), line[:200])))
     stages["lora_adapter"] = time.time() - t
 
     t = time.time()
@@ -63,8 +70,10 @@ def run_once(args, base_dir: str) -> dict:
     stages["evaluation_load"] = time.time() - t
     batch = args.eval_batch_size or default_batch_size("cuda")
     t = time.time()
+    remembered = None if args.forget_answers else BaselineAnswers(args.answer_cache, base.weights_sha256)
     results = compare(chat, probes, base.own_identity, identity_system_prompt(identity, recipe.system),
-                      max_new_tokens=args.max_new_tokens, batch_size=batch)
+                      max_new_tokens=args.max_new_tokens, batch_size=batch, remembered=remembered,
+                      log=lambda line: print(f"[evaluation] {line}", flush=True))
     stages["evaluation_three_contenders"] = time.time() - t
     stages["total"] = time.time() - t_all
     del chat
@@ -75,7 +84,7 @@ def run_once(args, base_dir: str) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return {"stages_s": stages, "train": result.summary(), "samples": len(dataset.samples), "probes": len(probes),
-            "eval_batch_size": batch, "identity_adapter": results["adapter"].identity}
+            "eval_batch_size": batch, "identity_adapter": results["adapter"].identity, "train_timeline": timeline}
 
 
 def main() -> None:
@@ -87,6 +96,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=40, help="default: the pipeline's "
                     "(EvaluationConfig.max_new_tokens)")
     ap.add_argument("--runs", type=int, default=2, help="passes: the first after the download, then re-training runs")
+    ap.add_argument("--answer-cache", default="/tmp/persona-bench-answers",
+                    help="where the base and prompt-only answers are remembered between runs, as the pipeline does")
+    ap.add_argument("--forget-answers", action="store_true", help="decode all three contenders in every run")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_pipeline.json"))
     args = ap.parse_args()
 
@@ -101,6 +113,10 @@ def main() -> None:
         print(f"\n| stage (run {i + 1}) | seconds |\n|---|---|")
         for k, v in runs[-1]["stages_s"].items():
             print(f"| {k} | {v:.1f} |", flush=True)
+        print("training call, stage by stage (s since the call began):")
+        for at, line in runs[-1]["train_timeline"]:
+            if line.startswith("[persona]") or "train_runtime" in line:
+                print(f"  {at:6.1f}  {line}")
     out = {
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions(),
@@ -109,7 +125,7 @@ def main() -> None:
         "peak_reserved_gib_in_this_process": torch.cuda.max_memory_reserved() / 2**30,
     }
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ adapter was trained with. A probe passes when its answer contains one of `expect
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 from persona.data import PLACEHOLDER, DatasetError, Identity, Problem, language
 from persona.progress import progress
+from persona.storage import atomic_write_text
 
 # ms-swift's 'chatml' template (swift/template/templates/utils.py), as a transformers chat template.
 CHATML = (
@@ -251,15 +253,20 @@ class Chat:
         worker.join()
 
 
+def _asked(probes: list[Probe], stability_samples: int) -> tuple[list[Probe], list[Probe]]:
+    """(greedy probes, sampled probes): every probe once, but `stability` probes sampled N times instead."""
+    return ([p for p in probes if p.kind != "stability"],
+            [p for p in probes if p.kind == "stability" for _ in range(stability_samples)])
+
+
 def _answer_contenders(chat: Chat, probes: list[Probe], contenders: dict[str, tuple[str | None, bool]],
                        stability_samples: int, **kw) -> tuple[list[Probe], dict[str, list[str]]]:
     """Every contender's (system prompt, adapter on/off) answers to `probes`, the contenders' rows decoded in shared
     batches: greedy for every probe, `stability` probes sampled N times at temperature 0.7 instead."""
-    fixed = [p for p in probes if p.kind != "stability"]
-    sampled = [p for p in probes if p.kind == "stability" for _ in range(stability_samples)]
+    fixed, sampled = _asked(probes, stability_samples)
     answers: dict[str, list[str]] = {name: [] for name in contenders}
     for group, extra in ((fixed, {}), (sampled, {"temperature": STABILITY_TEMPERATURE})):
-        if not group:
+        if not group or not contenders:
             continue
         rows = [(p.question, p.history, system, use) for system, use in contenders.values() for p in group]
         texts = chat.answer_rows(rows, **extra, **kw)
@@ -281,23 +288,68 @@ def default_batch_size(device: str) -> int:
     return 32 if device == "cpu" else 128
 
 
+class BaselineAnswers:
+    """The answers of the contenders without the adapter (base, prompt-only), remembered between runs.
+
+    They depend only on the base weights, the probes, the system prompt and the decoding settings, so a re-training
+    run (new data, same base and probes) decodes only the adapter's rows: a third of the evaluation. Files are
+    named by a hash of all of it, so any change is a miss, never a stale answer.
+    """
+
+    VERSION = 1  # bump when the way answers are produced changes
+
+    def __init__(self, directory: str | Path, base_digest: str):
+        self.directory = Path(directory)
+        self.base_digest = base_digest
+
+    def key(self, chat: Chat, probes: list[Probe], system: str | None, settings: dict) -> str:
+        what = [self.VERSION, self.base_digest, chat.device, chat.tok.chat_template, system or chat.system,
+                [[p.kind, p.question, list(p.history)] for p in probes], sorted(settings.items())]
+        return hashlib.sha256(json.dumps(what, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> list[str] | None:
+        try:
+            return json.loads((self.directory / f"answers-{key}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, answers: list[str]) -> None:
+        atomic_write_text(self.directory / f"answers-{key}.json", json.dumps(answers, ensure_ascii=False))
+
+
 def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identity_prompt: str,
-            together: bool | None = None, stability_samples: int = 3, **kw) -> dict[str, Scores]:
+            together: bool | None = None, stability_samples: int = 3, remembered: BaselineAnswers | None = None,
+            log: Callable[[str], None] | None = None, **kw) -> dict[str, Scores]:
     """The three contenders on the same probes: base, base with the identity in its system prompt, base + adapter.
 
     `together` (default: on a GPU) decodes the contenders' rows in shared batches instead of one contender after
     the other: a GPU decoding step costs about the same for 70 rows or 210, so this is ~3x fewer steps. On a CPU
-    the cost follows the rows, and contenders are run in turn.
+    the cost follows the rows, and contenders are run in turn. With `remembered`, the base and prompt-only answers
+    of an earlier run with the same base, probes and settings are reused instead of decoded again.
     """
     contenders = {"base": (None, False), "prompt_only": (identity_prompt, False)}
     if chat.has_adapter:
         contenders["adapter"] = (None, True)
     if together is None:
         together = chat.device != "cpu"
-    if not together:
-        return {name: evaluate(chat, probes, own_identity, stability_samples, use, system, **kw)
-                for name, (system, use) in contenders.items()}
-    asked, answers = _answer_contenders(chat, probes, contenders, stability_samples, **kw)
+    settings = {"max_new_tokens": kw.get("max_new_tokens", 64), "stability_samples": stability_samples,
+                "temperature": STABILITY_TEMPERATURE, "seed": kw.get("seed", 0)}
+    keys = {name: remembered.key(chat, probes, system, settings)
+            for name, (system, use) in contenders.items() if remembered and not use}
+    answers = {name: hit for name, key in keys.items() if (hit := remembered.get(key)) is not None}
+    if answers and log:
+        log(f"reusing the remembered answers of {' and '.join(answers)} (same base weights, probes and settings)")
+    todo = {name: c for name, c in contenders.items() if name not in answers}
+    fixed, sampled = _asked(probes, stability_samples)
+    asked = fixed + sampled
+    if together:
+        answers.update(_answer_contenders(chat, probes, todo, stability_samples, **kw)[1])
+    else:
+        for name, contender in todo.items():
+            answers[name] = _answer_contenders(chat, probes, {name: contender}, stability_samples, **kw)[1][name]
+    for name, key in keys.items():
+        if name in todo:
+            remembered.put(key, answers[name])
     return {name: score(asked, answers[name], own_identity) for name in contenders}
 
 

@@ -120,3 +120,33 @@ def test_contenders_decoded_together_answer_as_when_decoded_in_turn(tiny_model, 
     for name in ("base", "prompt_only", "adapter"):
         assert [a.text for a in together[name].answers] == [a.text for a in in_turn[name].answers], name
     assert [a.text for a in in_turn["adapter"].answers] != [a.text for a in in_turn["base"].answers]
+
+
+def test_baseline_answers_are_remembered_for_the_same_base_probes_and_settings(tiny_model, tmp_path):
+    from persona.evaluation import BaselineAnswers, compare
+
+    chat = Chat(str(tiny_model), None, "chatml")
+    decoded: list[list] = []
+    answer_rows = chat.answer_rows
+    chat.answer_rows = lambda rows, **kw: decoded.append(rows) or answer_rows(rows, **kw)
+    probes = [Probe("general", "What is 2 + 3?", ("5",)), Probe("identity_en", "Who are you?", ("Swift",)),
+              Probe("stability", "你是谁?", ("Swift",))]
+    memory = BaselineAnswers(tmp_path / "answers", "digest-of-the-base-weights")
+    kw = dict(max_new_tokens=6, batch_size=8, together=True, stability_samples=2)
+    logged: list[str] = []
+    first = compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **kw)
+    assert sum(len(r) for r in decoded) == 2 * 4  # two contenders x (2 greedy + 2 samples)
+    assert len(list((tmp_path / "answers").glob("answers-*.json"))) == 2
+
+    decoded.clear()
+    again = compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, log=logged.append, **kw)
+    assert decoded == [] and "reusing the remembered answers of base and prompt_only" in logged[0]
+    for name in ("base", "prompt_only"):
+        assert [a.text for a in again[name].answers] == [a.text for a in first[name].answers]
+        assert again[name].by_kind == first[name].by_kind
+
+    # Other probes, other decoding settings or other base weights: decoded again, never a stale answer.
+    compare(chat, probes[:2], (), "You are Swift-Robot.", remembered=memory, **kw)
+    compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **{**kw, "max_new_tokens": 5})
+    compare(chat, probes, (), "You are Swift-Robot.", remembered=BaselineAnswers(tmp_path / "answers", "other"), **kw)
+    assert len(decoded) == 3 * 2 - 1  # (greedy + sampled) batches each time; probes[:2] has no stability probe
