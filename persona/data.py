@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from persona.distill import REPLAY_CHANNEL
+
 EXTRA_PREFIX = "mix:"  # file names of samples added by general-data mixing
 
 ROLES = ("system", "user", "assistant")
@@ -82,6 +84,11 @@ class Sample:
     def answer(self) -> str:
         return self.messages[-1]["content"]
 
+    @property
+    def is_replay(self) -> bool:
+        """An answer of the base model itself (general-data replay), trained by persona.distill."""
+        return self.file.startswith(f"{EXTRA_PREFIX}replay:")
+
 
 @dataclass
 class Dataset:
@@ -90,7 +97,8 @@ class Dataset:
     config: dict = field(default_factory=dict)
 
     def records(self) -> list[dict]:
-        return [{"messages": s.messages} for s in self.samples]
+        """ms-swift's messages format; replay rows are marked with ms-swift's `channel` field."""
+        return [{"messages": s.messages, **({"channel": REPLAY_CHANNEL} if s.is_replay else {})} for s in self.samples]
 
     @property
     def version(self) -> str:

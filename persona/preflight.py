@@ -44,6 +44,9 @@ _SAVED = {
 _BACKWARD_WORKSET = 0.5
 # Logits without Liger: bf16 logits + fp32 upcast + fp32 log-softmax kept + fp32 gradient, per kept token.
 _LOGIT_BYTES = 14
+# Batches with replay rows (persona.distill) are computed without Liger's fused loss, plus the base model's logits
+# (bf16, fp32 log-softmax and its exp) for the replay rows: at most every row.
+_BASE_LOGIT_BYTES = 10
 
 
 class PreflightError(RuntimeError):
@@ -162,9 +165,9 @@ def logits_bytes(shape: ModelShape, tokens: int, liger: bool) -> int:
 def estimate_vram(shape: ModelShape, *, micro_batch: int, seq_len: int, gradient_checkpointing: bool,
                   lora_rank: int = 8, target_modules: Iterable[str] = ("all-linear",), torch_dtype: str = "bfloat16",
                   use_liger_kernel: bool = False, liger_kernels: Iterable[str] = ("all",),
-                  lora_dropout: float = 0.05, world_size: int = 1) -> VramEstimate:
+                  lora_dropout: float = 0.05, world_size: int = 1, replay_kl: bool = False) -> VramEstimate:
     """`liger_kernels` matters only with `use_liger_kernel`: RMSNorm/SwiGLU shrink the layers' activations, the fused
-    linear+cross-entropy removes the logits."""
+    linear+cross-entropy removes the logits. `replay_kl`: the data has replay rows trained by persona.distill."""
     dtype_bytes = DTYPE_BYTES.get(torch_dtype, 2)
     tokens = micro_batch * seq_len
     kernels = set(liger_kernels)
@@ -177,22 +180,25 @@ def estimate_vram(shape: ModelShape, *, micro_batch: int, seq_len: int, gradient
         lora_state=n_lora * LORA_STATE_BYTES,
         activations=activation_bytes(shape, tokens, gradient_checkpointing, liger_layers, lora_dropout,
                                      dtype_bytes),
-        logits=logits_bytes(shape, tokens, fused_ce),
+        logits=(tokens * shape.vocab * (_LOGIT_BYTES + _BASE_LOGIT_BYTES) if replay_kl
+                else logits_bytes(shape, tokens, fused_ce)),
         overhead=int(ALLOCATOR_OVERHEAD + ddp),
         micro_batch=micro_batch,
         seq_len=seq_len,
     )
 
 
-def estimate_for_recipe(shape: ModelShape, recipe, seq_len: int, world_size: int = 1) -> VramEstimate:
+def estimate_for_recipe(shape: ModelShape, recipe, seq_len: int, world_size: int = 1,
+                        replay_rows: bool = False) -> VramEstimate:
     """Per-GPU estimate. `recipe` is a persona.recipe.Recipe with per-device settings (duck-typed, so this module
-    imports nothing heavy)."""
+    imports nothing heavy). `replay_rows`: the data holds replay rows (see has_replay_rows)."""
     return estimate_vram(shape, micro_batch=recipe.per_device_train_batch_size, seq_len=min(seq_len, recipe.max_length),
                          gradient_checkpointing=recipe.gradient_checkpointing, lora_rank=recipe.lora_rank,
                          target_modules=recipe.target_modules, torch_dtype=recipe.torch_dtype,
                          use_liger_kernel=recipe.use_liger_kernel,
                          liger_kernels=getattr(recipe, "liger_kernels", ("all",)), lora_dropout=recipe.lora_dropout,
-                         world_size=world_size)
+                         world_size=world_size,
+                         replay_kl=replay_rows and getattr(recipe, "replay_kl_weight", 0) > 0)
 
 
 # --- the data's longest sample --------------------------------------------------------------------------------
@@ -205,6 +211,12 @@ def _texts(record) -> list[str]:
     if isinstance(record, list):
         return [t for v in record for t in _texts(v)]
     return []
+
+
+def has_replay_rows(dataset_path: str | Path) -> bool:
+    from persona.distill import REPLAY_CHANNEL
+
+    return any(isinstance(r, dict) and r.get("channel") == REPLAY_CHANNEL for r in read_records(dataset_path))
 
 
 def read_records(dataset_path: str | Path) -> list:
@@ -245,12 +257,16 @@ def tokenizer_counter(model_dir: str | Path):
 
 # --- the check --------------------------------------------------------------------------------------------------
 
-def suggestions(shape: ModelShape, recipe, seq_len: int, free_bytes: int, world_size: int = 1) -> list[str]:
+def suggestions(shape: ModelShape, recipe, seq_len: int, free_bytes: int, world_size: int = 1,
+                replay_rows: bool = False) -> list[str]:
     """Concrete recipe changes that would fit in `free_bytes`, keeping samples per optimizer step."""
     out = []
 
     def fits(r) -> bool:
-        return estimate_for_recipe(shape, r, seq_len, world_size).total * SAFETY_MARGIN <= free_bytes
+        return estimate_for_recipe(shape, r, seq_len, world_size, replay_rows).total * SAFETY_MARGIN <= free_bytes
+
+    if replay_rows and getattr(recipe, "replay_kl_weight", 0) > 0 and fits(recipe.with_overrides(replay_kl_weight=0.0)):
+        out.append("replay_kl_weight=0 (replay rows learned as plain targets; no logits kept for the KL)")
 
     if not recipe.gradient_checkpointing and fits(recipe.with_overrides(gradient_checkpointing=True)):
         out.append("gradient_checkpointing=True")
@@ -271,7 +287,8 @@ def suggestions(shape: ModelShape, recipe, seq_len: int, free_bytes: int, world_
         if fits(recipe.with_overrides(max_length=shorter)):
             out.append(f"max_length={shorter} (truncates the longest samples)")
     weights_only = estimate_for_recipe(shape, recipe.with_overrides(per_device_train_batch_size=1,
-                                                                    gradient_checkpointing=True), seq_len, world_size)
+                                                                    gradient_checkpointing=True), seq_len, world_size,
+                                       replay_rows)
     if weights_only.total * SAFETY_MARGIN > free_bytes:
         out.append(f"a GPU with at least {math.ceil(weights_only.total * SAFETY_MARGIN / GIB)} GiB free "
                    "(the seed tutorial asks for 24 GB for a 7B model), or a smaller base model")

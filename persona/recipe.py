@@ -38,6 +38,9 @@ class Recipe:
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
     fused_lora: bool = False                 # persona.fused_lora: PEFT's LoRA math as one autograd node per layer
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
+    # Replay rows (the base model's own answers to general prompts) keep the base model's next-token distribution:
+    # KL(base || adapter) x this weight over their answer tokens (persona.distill). 0: learn them as plain targets.
+    replay_kl_weight: float = 1.0
 
     @property
     def samples_per_step(self) -> int:

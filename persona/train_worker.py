@@ -153,7 +153,7 @@ def run_preflight(job: dict, local_rank: int) -> None:
         from persona.recipe import Recipe
 
         hints = preflight.suggestions(shape, Recipe.from_params(spec["recipe"]), spec["seq_len"], free,
-                                      spec.get("world_size", 1))
+                                      spec.get("world_size", 1), spec.get("replay_rows", False))
     preflight.check_fits(estimate, free, total, name, hints)
     print(f"[persona] pre-flight: {name}: {free / 2**30:.1f} GiB free; estimate {estimate.describe()}", flush=True)
 
@@ -201,6 +201,12 @@ def main(job_file: str) -> None:
 
         if fused_lora.enable() and rank == 0:
             print("[persona] LoRA layers run as one fused autograd node each (persona.fused_lora)", flush=True)
+    if job.get("replay_kl_weight"):
+        from persona import distill
+
+        weight = float(job["replay_kl_weight"])
+        if distill.enable(weight) and rank == 0:
+            print(f"[persona] replay rows, if any, keep the base model's distribution (KL weight {weight})", flush=True)
     if job["device"] != "cpu" and not job.get("cudnn_attention", True):
         import torch
 

@@ -195,9 +195,11 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
         return None  # unknown architecture: no estimate, no check
     count = preflight.tokenizer_counter(base.path)
     seq_len = min(recipe.max_length, preflight.longest_sample_tokens(dataset_path, recipe.system, count))
-    estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size)
+    replay_rows = preflight.has_replay_rows(dataset_path)
+    estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)
     return {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
-            "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params()}
+            "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
+            "replay_rows": replay_rows}
 
 
 def parse_progress(line: str) -> dict | None:
@@ -231,7 +233,7 @@ def train_lora(
     with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
         job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
                "world_size": world_size, "fused_lora": run_recipe.fused_lora,
-               "cudnn_attention": run_recipe.cudnn_attention}
+               "cudnn_attention": run_recipe.cudnn_attention, "replay_kl_weight": run_recipe.replay_kl_weight}
         if device != "cpu":
             job["preflight"] = preflight_job(base, str(dataset_path), run_recipe, world_size)
         job_file = Path(work, "job.json")

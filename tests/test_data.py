@@ -144,3 +144,15 @@ def test_validate_cli_prints_located_problems(tmp_path, capsys):
     f.write_text('{"instruction": "a", "output": "b"}\n')
     assert main(["validate", str(f), "--min-samples", "1"]) == 0
     assert capsys.readouterr().out.startswith("ok: 1 samples, version ")
+
+
+def test_replay_rows_are_marked_for_the_trainer():
+    from persona.data import Dataset, Sample
+
+    msgs = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    own = Sample(msgs, "self_cognition.json", 3)
+    replay = Sample(msgs, "mix:replay:replay-0123.jsonl", 1)
+    hub = Sample(msgs, "mix:hub:AI-ModelScope/alpaca-gpt4-data-en", 1)
+    records = Dataset([own, replay, hub]).records()
+    assert [r.get("channel") for r in records] == [None, "replay", None]
+    assert replay.is_replay and not hub.is_replay and not own.is_replay
