@@ -98,7 +98,23 @@ def compare(base: dict[int, float], other: dict[int, float]) -> dict:
     }
 
 
-def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: float, log) -> dict:
+def replay_marked(every: int, work: Path) -> Path:
+    """The seed workload with every `every`-th row marked as a replay row (persona.distill's KL path). The rows are
+    still identity rows: this measures the KL path's time and memory, not what it learns."""
+    from persona.distill import REPLAY_CHANNEL
+
+    out = work / f"seed-workload-replay-every-{every}.jsonl"
+    with open(out, "w", encoding="utf-8") as fh:
+        for i, r in enumerate(json.loads(DATA.read_text(encoding="utf-8"))):
+            question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
+            row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": r["output"]}]}
+            if i % every == 0:
+                row["channel"] = REPLAY_CHANNEL
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: float, log, data: Path = DATA) -> dict:
     recipe, extra, env = variant_recipe(spec)
     adapter_dir = work / f"adapter-{len(list(work.glob('adapter-*')))}"
     log(f"\n===== variant {spec}: {recipe} {extra} {env}\n")
@@ -106,7 +122,7 @@ def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: floa
     os.environ.update({EXTRA_ARGS_ENV: json.dumps(extra), **env})
     started = time.time()
     try:
-        result = train_lora(base, DATA, recipe, adapter_dir, "cuda", on_output=lambda line: log(line + "\n"))
+        result = train_lora(base, data, recipe, adapter_dir, "cuda", on_output=lambda line: log(line + "\n"))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -166,6 +182,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12,
                     help="bf16 dense peak of the GPU for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--work", default="/tmp/persona-bench")
+    ap.add_argument("--replay-every", type=int, default=0,
+                    help="mark every N-th sample as a replay row (time and memory of the replay KL path)")
     args = ap.parse_args()
 
     with_repo_on_path()
@@ -184,7 +202,8 @@ def main() -> None:
     rows = []
     for run, spec in enumerate(args.variants, 1):
         try:
-            rows.append({"run": run, **run_variant(spec, base, shape, work, args.peak_tflops * 1e12, log)})
+            data = replay_marked(args.replay_every, work) if args.replay_every else DATA
+            rows.append({"run": run, **run_variant(spec, base, shape, work, args.peak_tflops * 1e12, log, data)})
         except Exception as exc:  # keep the other variants' numbers
             print(f"[bench] {spec} FAILED: {str(exc)[-3000:]}", flush=True)
             rows.append({"run": run, "variant": spec, "error": str(exc)[-5000:]})
