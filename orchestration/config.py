@@ -50,7 +50,8 @@ class CurationConfig(Config):
 
 
 class TrainingConfig(Config):
-    """Unset fields take the device's default recipe: the seed tutorial's on a GPU, a fast one on CPU."""
+    """Unset fields take the device's default recipe (persona/recipe.py): the fast one, or the seed tutorial's values
+    with recipe: seed."""
 
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
     recipe: Optional[str] = Field(default=None, description="Device defaults to start from: 'fast' (default) or "
@@ -69,6 +70,9 @@ class TrainingConfig(Config):
     warmup_ratio: Optional[float] = None
     logging_steps: Optional[int] = None
     seed: Optional[int] = None
+    replay_kl_weight: Optional[float] = Field(default=None, description="Replay rows keep the base model's "
+                                              "next-token distribution (KL x this weight, default 1); 0 learns "
+                                              "them as plain targets.")
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in ("device", "recipe") and v is not None}

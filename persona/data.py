@@ -75,6 +75,7 @@ class Sample:
     file: str
     line: int
     tokens: int | None = None
+    channel: str | None = None  # ms-swift's per-row `channel`; "replay" rows are trained by persona.distill
 
     @property
     def question(self) -> str:
@@ -87,7 +88,7 @@ class Sample:
     @property
     def is_replay(self) -> bool:
         """An answer of the base model itself (general-data replay), trained by persona.distill."""
-        return self.file.startswith(f"{EXTRA_PREFIX}replay:")
+        return self.channel == REPLAY_CHANNEL
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Dataset:
 
     def records(self) -> list[dict]:
         """ms-swift's messages format; replay rows are marked with ms-swift's `channel` field."""
-        return [{"messages": s.messages, **({"channel": REPLAY_CHANNEL} if s.is_replay else {})} for s in self.samples]
+        return [{"messages": s.messages, **({"channel": s.channel} if s.channel else {})} for s in self.samples]
 
     @property
     def version(self) -> str:
@@ -255,7 +256,8 @@ def read_file(path: Path, problems: list[Problem]) -> list[Sample]:
     for line, item in items:
         msgs = _to_messages(item, (str(path), line), problems)
         if msgs is not None:
-            samples.append(Sample(msgs, str(path), line))
+            channel = item.get("channel") if isinstance(item, dict) else None
+            samples.append(Sample(msgs, str(path), line, channel=channel if isinstance(channel, str) else None))
     return samples
 
 

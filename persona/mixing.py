@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from persona.data import EXTRA_PREFIX, Problem, DatasetError, Sample, language
+from persona.distill import REPLAY_CHANNEL
 from persona.models import BaseModel
 from persona.storage import atomic_write_text
 
@@ -86,7 +87,7 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
         # An answer in which the base model names itself would teach the old identity back: leave it out.
         if r["answer"].strip() and not any(o in r["answer"].lower() for o in own):
             samples.append(Sample([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
-                                  f"{EXTRA_PREFIX}replay:{cache.name}", n))
+                                  f"{EXTRA_PREFIX}replay:{cache.name}", n, channel=REPLAY_CHANNEL))
     return samples
 
 

@@ -151,8 +151,22 @@ def test_replay_rows_are_marked_for_the_trainer():
 
     msgs = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
     own = Sample(msgs, "self_cognition.json", 3)
-    replay = Sample(msgs, "mix:replay:replay-0123.jsonl", 1)
+    replay = Sample(msgs, "mix:replay:replay-0123.jsonl", 1, channel="replay")
     hub = Sample(msgs, "mix:hub:AI-ModelScope/alpaca-gpt4-data-en", 1)
     records = Dataset([own, replay, hub]).records()
     assert [r.get("channel") for r in records] == [None, "replay", None]
     assert replay.is_replay and not hub.is_replay and not own.is_replay
+
+
+def test_a_written_dataset_reads_back_with_its_channels_and_version(tmp_path):
+    from persona.data import Dataset, Problem, Sample, read_file
+
+    msgs = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    other = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Swift-Robot."}]
+    written = Dataset([Sample(other, "a.json", 1), Sample(msgs, "mix:replay:r.jsonl", 1, channel="replay")],
+                      config={"seed": 1})
+    written.write_jsonl(tmp_path / "train.jsonl")
+    problems: list[Problem] = []
+    again = Dataset(read_file(tmp_path / "train.jsonl", problems), config={"seed": 1})
+    assert not problems and [s.channel for s in again.samples] == [None, "replay"]
+    assert again.version == written.version
