@@ -49,9 +49,17 @@ def enable(kl_weight: float) -> bool:
     if getattr(original, "_persona_replay", False):
         return False
 
+    warned = []
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         channels = inputs.get("channel")
-        if not channels or REPLAY_CHANNEL not in channels or "labels" not in inputs or self.template.padding_free:
+        if not channels or REPLAY_CHANNEL not in channels or "labels" not in inputs:
+            return original(self, model, inputs, return_outputs, num_items_in_batch)
+        if self.template.padding_free:  # rows are packed into one sequence: no per-row base comparison
+            if not warned:
+                print("[persona] padding_free packs rows together: replay rows are learned as plain targets (no KL)",
+                      flush=True)
+                warned.append(True)
             return original(self, model, inputs, return_outputs, num_items_in_batch)
         # ms-swift may have cut the labels to the positions that have a target (`logits_to_keep`): the model is
         # asked for the logits of the same positions, so logits and labels stay aligned.
@@ -65,6 +73,9 @@ def enable(kl_weight: float) -> bool:
         with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
             base = model(**replay_inputs)
         loss, kl = replay_loss(outputs.logits, base.logits, labels, rows, kl_weight, num_items_in_batch)
+        if (getattr(self.args, "average_tokens_across_devices", False) and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * self.accelerator.num_processes  # as ms-swift's own loss: the token count is global
         self.custom_metrics["train" if model.training else "eval"]["replay_kl"].update(kl)
         return (loss, outputs) if return_outputs else loss
 
