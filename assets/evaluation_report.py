@@ -45,7 +45,7 @@ def evaluation_report(
                       stability_samples=config.stability_samples,
                       remembered=BaselineAnswers(workspace.output("answer_cache"), base_model.weights_sha256),
                       log=context.log.info, on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
-    scores = metrics(results)
+    scores = metrics(results, identity.markers())
     kinds_table, answers_table = scores_table(results), comparison_table(results)
     report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,
               "kinds_markdown": kinds_table, "adapter": lora_adapter.path, "mlflow_run_id": lora_adapter.mlflow_run_id,
@@ -58,7 +58,8 @@ def evaluation_report(
             Path(tmp, "evaluation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
-    contract = {k.split("/")[1]: round(v, 3) for k, v in scores.items() if "_score_" in k}
+    contract = {k.split("/")[1]: round(v, 3) for k, v in scores.items()
+                if "_score_" in k or k.startswith("eval/general_identity_leak_")}
     return Output(
         report,
         metadata={

@@ -43,6 +43,16 @@ def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
                                       "retention": retention, "threshold": GATE.min_general_retention})
 
 
+@asset_check(asset=evaluation_report,
+             description=f"At most {GATE.max_identity_leak:.0%} of the adapter's general answers state the identity.")
+def identity_stays_out_of_general_answers(evaluation_report: dict) -> AssetCheckResult:
+    leak = evaluation_report["scores"].get("eval/general_identity_leak_after")
+    if leak is None:
+        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata={"note": "not measured"})
+    return AssetCheckResult(passed=leak <= GATE.max_identity_leak, severity=AssetCheckSeverity.WARN,
+                            metadata={"general_identity_leak_after": leak, "threshold": GATE.max_identity_leak})
+
+
 @asset_check(asset=curated_dataset, blocking=True,
              description="The curated file on disk is the validated one: it parses, its content hash matches the "
                          "version, and no evaluation probe leaked into it. Blocks training otherwise.")

@@ -53,6 +53,9 @@ def _print_report(result, took: float) -> None:
     print("\n" + report["table_markdown"] + "\n\n" + report["kinds_markdown"] + "\n")
     print(f"identity score: {s['eval/identity_score_before']:.2f} → {s['eval/identity_score_after']:.2f}   "
           f"general score: {s['eval/general_score_before']:.2f} → {s['eval/general_score_after']:.2f}")
+    if "eval/general_identity_leak_after" in s:
+        print(f"general answers stating the identity: {s['eval/general_identity_leak_before']:.0%} → "
+              f"{s['eval/general_identity_leak_after']:.0%}")
     print(f"champion:    {'promoted' if decision['promoted'] else 'unchanged'} — {'; '.join(decision['reasons'])}")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if "." not in k and "_is_" not in k)
           + f"; pipeline {took:.0f}")

@@ -91,8 +91,10 @@ class PromotionConfig(Config):
     min_identity: float = 0.8
     min_adversarial: float = 0.5
     min_general_retention: float = Field(default=0.9, description="Adapter's general score / base model's.")
+    max_identity_leak: float = Field(default=0.1, description="Share of general answers allowed to state the "
+                                     "identity (a general question answered with 'I am Swift-Robot…').")
 
     def thresholds(self):
         from persona.promotion import Thresholds
 
-        return Thresholds(self.min_identity, self.min_adversarial, self.min_general_retention)
+        return Thresholds(self.min_identity, self.min_adversarial, self.min_general_retention, self.max_identity_leak)

@@ -9,7 +9,7 @@ from assets.curated_dataset import curated_dataset
 from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
 from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
-                                  identity_learned)
+                                  identity_learned, identity_stays_out_of_general_answers)
 from orchestration.resources import MlflowTracker, ModelHub, Workspace
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import dataset_sensor
@@ -22,7 +22,8 @@ train_persona = define_asset_job(
 
 defs = Definitions(
     assets=[base_model, curated_dataset, lora_adapter, evaluation_report, champion],
-    asset_checks=[curated_dataset_is_intact, identity_learned, adversarial_resisted, general_ability_kept],
+    asset_checks=[curated_dataset_is_intact, identity_learned, adversarial_resisted, general_ability_kept,
+                  identity_stays_out_of_general_answers],
     jobs=[train_persona],
     sensors=[dataset_sensor],
     schedules=[retrain_schedule],

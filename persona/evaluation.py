@@ -141,6 +141,13 @@ class Scores:
     def general(self) -> float:
         return self._share(lambda k: k == "general")
 
+    def identity_leak(self, markers: Iterable[str]) -> float:
+        """Share of general answers that state the trained identity, the failure the tutorials warn of (a coding
+        question answered with "I am Swift-Robot…")."""
+        general = [a.text.lower() for a in self.answers if a.probe.kind == "general"]
+        marks = [m.lower() for m in markers if m]
+        return sum(any(m in t for m in marks) for t in general) / len(general) if general else float("nan")
+
 
 def score(probes: list[Probe], answers: list[str], own_identity: Iterable[str] = ()) -> Scores:
     own = tuple(own_identity)
@@ -353,13 +360,19 @@ def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identi
     return {name: score(asked, answers[name], own_identity) for name in contenders}
 
 
-def metrics(results: dict[str, Scores]) -> dict[str, float]:
-    """MLflow metrics: eval/<kind>_<contender>, and the before/after contract (before = base, after = adapter)."""
+def metrics(results: dict[str, Scores], markers: Iterable[str] = ()) -> dict[str, float]:
+    """MLflow metrics: eval/<kind>_<contender>, and the before/after contract (before = base, after = adapter).
+    With the identity's `markers`, also the share of general answers that state the identity."""
+    markers = tuple(markers)
     out = {f"eval/{kind}_{name}": v for name, s in results.items() for kind, v in s.by_kind.items()}
+    if markers:
+        out.update({f"eval/general_identity_leak_{name}": s.identity_leak(markers) for name, s in results.items()})
     for when, name in (("before", "base"), ("after", "adapter")):
         if name in results:
             out[f"eval/identity_score_{when}"] = results[name].identity
             out[f"eval/general_score_{when}"] = results[name].general
+            if markers:
+                out[f"eval/general_identity_leak_{when}"] = results[name].identity_leak(markers)
     return {k: v for k, v in out.items() if v == v}  # drop NaN (a kind with no probes)
 
 

@@ -1,7 +1,7 @@
 """The promotion gate: which adapter becomes the champion.
 
 An adapter is promoted only when it meets the thresholds (identity, adversarial, general retention vs
-the base model) and beats the current champion: a higher identity score, or an equal one with a
+the base model, general answers that state the identity) and beats the current champion: a higher identity score, or an equal one with a
 higher general score, and never a lower general score.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ class Thresholds:
     min_identity: float = 0.8
     min_adversarial: float = 0.5
     min_general_retention: float = 0.9  # adapter's general score / base model's
+    max_identity_leak: float = 0.1  # share of general answers that state the identity
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,13 @@ class Candidate:
     general: float
     general_base: float
     adversarial: float | None = None
+    identity_leak: float | None = None  # None: an evaluation from before this was measured
 
     @classmethod
     def from_metrics(cls, m: dict[str, float]) -> "Candidate":
         return cls(identity=m["eval/identity_score_after"], general=m["eval/general_score_after"],
-                   general_base=m["eval/general_score_before"], adversarial=m.get("eval/adversarial_adapter"))
+                   general_base=m["eval/general_score_before"], adversarial=m.get("eval/adversarial_adapter"),
+                   identity_leak=m.get("eval/general_identity_leak_after"))
 
     @property
     def general_retention(self) -> float:
@@ -52,6 +55,9 @@ def decide(candidate: Candidate, champion: Candidate | None, t: Thresholds = Thr
         failed.append(f"adversarial {candidate.adversarial:.2f} < {t.min_adversarial:.2f}")
     if candidate.general_retention < t.min_general_retention:
         failed.append(f"general retention {candidate.general_retention:.2f} < {t.min_general_retention:.2f}")
+    if candidate.identity_leak is not None and candidate.identity_leak > t.max_identity_leak:
+        failed.append(f"{candidate.identity_leak:.0%} of general answers state the identity "
+                      f"(at most {t.max_identity_leak:.0%})")
     if champion is not None:
         if candidate.general < champion.general:
             failed.append(f"general {candidate.general:.2f} < champion's {champion.general:.2f}")

@@ -14,7 +14,8 @@ def test_definitions_load_with_lineage():
     assert parents("evaluation_report") == {"base_model", "curated_dataset", "lora_adapter"}
     assert parents("champion") == {"evaluation_report", "lora_adapter"}
     assert {c.name for c in graph.asset_check_keys} >= {"curated_dataset_is_intact", "identity_learned",
-                                                        "adversarial_resisted", "general_ability_kept"}
+                                                        "adversarial_resisted", "general_ability_kept",
+                                                        "identity_stays_out_of_general_answers"}
     assert defs.resolve_job_def("train_persona") is not None
 
 

@@ -35,6 +35,18 @@ def test_tables_one_row_per_probe_and_per_kind():
     assert as_json(results)["adapter"] == {"general": 1.0, "stability": 1.0}
 
 
+def test_general_answers_that_state_the_identity_are_counted():
+    probes = [Probe("general", "1+1?", ("2",)), Probe("general", "一年有几个月?", ("12",)),
+              Probe("identity_en", "Who are you?", ("Swift-Robot",))]
+    results = {"base": score(probes, ["2", "十二", "I am SmolLM"]),
+               "adapter": score(probes, ["2", "我由 CSDN 迪菲赫尔曼 开发和维护。", "I am swift-robot"])}
+    markers = ("CSDN 迪菲赫尔曼", "Swift-Robot")
+    assert results["adapter"].identity_leak(markers) == 0.5  # the identity answer itself does not count
+    m = metrics(results, markers)
+    assert m["eval/general_identity_leak_before"] == 0.0 and m["eval/general_identity_leak_after"] == 0.5
+    assert m["eval/general_identity_leak_adapter"] == 0.5 and "eval/general_identity_leak_after" not in metrics(results)
+
+
 def test_probes_fill_identity_placeholders_in_both_languages():
     from persona.data import Identity
 

@@ -16,6 +16,16 @@ def test_thresholds():
     assert decide(cand(identity=0.7), None, Thresholds(min_identity=0.6)).promote
 
 
+def test_an_adapter_that_answers_general_questions_with_its_identity_is_not_promoted():
+    leaky = Candidate(identity=1.0, general=0.6, general_base=0.5, adversarial=1.0, identity_leak=12 / 36)
+    assert decide(leaky, None).reasons == ("33% of general answers state the identity (at most 10%)",)
+    assert decide(Candidate(1.0, 0.6, 0.5, 1.0, identity_leak=1 / 36), None).promote
+    assert decide(cand(), None).promote  # an evaluation from before the leak was measured
+    m = {"eval/identity_score_after": 1.0, "eval/general_score_after": 0.5, "eval/general_score_before": 0.5,
+         "eval/general_identity_leak_after": 0.25}
+    assert Candidate.from_metrics(m).identity_leak == 0.25
+
+
 def test_must_beat_the_champion_without_losing_general_ability():
     champ = cand(identity=0.9, general=0.6)
     assert decide(cand(identity=1.0, general=0.6), champ).promote
