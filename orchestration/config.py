@@ -70,9 +70,9 @@ class TrainingConfig(Config):
     warmup_ratio: Optional[float] = None
     logging_steps: Optional[int] = None
     seed: Optional[int] = None
-    replay_kl_weight: Optional[float] = Field(default=None, description="Replay rows keep the base model's "
-                                              "next-token distribution (KL x this weight, default 1); 0 learns "
-                                              "them as plain targets.")
+    replay_kl_weight: Optional[float] = Field(default=None, description="0 (default): replay rows are learned as "
+                                              "plain targets; > 0: they keep the base model's next-token "
+                                              "distribution instead (KL x this weight).")
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in ("device", "recipe") and v is not None}

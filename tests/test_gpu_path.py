@@ -313,13 +313,14 @@ def test_trainer_patches_drop_the_flop_count_and_clip_the_same_gradients(monkeyp
 
 def test_replay_rows_add_their_logits_to_the_estimate_and_the_hints_offer_plain_targets(tmp_path):
     shape = ModelShape.from_config(QWEN25_7B)
-    plain = estimate_for_recipe(shape, FAST_GPU, 130)
-    replay = estimate_for_recipe(shape, FAST_GPU, 130, replay_rows=True)
+    kl = FAST_GPU.with_overrides(replay_kl_weight=1.0)
+    plain = estimate_for_recipe(shape, kl, 130)
+    replay = estimate_for_recipe(shape, kl, 130, replay_rows=True)
     tokens = FAST_GPU.per_device_train_batch_size * 130
     assert replay.logits == tokens * shape.vocab * 24 and plain.logits < replay.logits / 50  # Liger keeps no logits
-    assert estimate_for_recipe(shape, FAST_GPU.with_overrides(replay_kl_weight=0.0), 130, replay_rows=True) == plain
+    assert estimate_for_recipe(shape, FAST_GPU, 130, replay_rows=True) == plain  # default: plain targets
     free = int(plain.total * 1.1)  # fits without the KL's logits, not with them
-    hints = preflight.suggestions(shape, FAST_GPU, 130, free, replay_rows=True)
+    hints = preflight.suggestions(shape, kl, 130, free, replay_rows=True)
     assert hints[0].startswith("replay_kl_weight=0")
 
     data = tmp_path / "train.jsonl"
