@@ -7,6 +7,10 @@ replay row instead adds KL(base || adapter) over its answer tokens. The base is 
 adapter switched off, so it costs one extra forward pass and no memory for a second model, and the term is zero
 where the adapter has changed nothing, so it only resists drift.
 
+It is off by default (Recipe.replay_kl_weight = 0). On the embedded default it kept 12 of the base model's 14
+right general answers where plain targets kept 10, but the adapter then answered a third of the general questions
+with its identity (in Chinese, where the base model's own distribution is spread out); plain targets: none.
+
 Replay rows carry ms-swift's `channel` field ("replay"); ms-swift hands each batch's channels to the trainer.
 """
 from __future__ import annotations

@@ -120,6 +120,23 @@ def click_if_present(driver, xpath: str) -> None:
             element.click()
 
 
+SKIP_NEWSLETTER = "//button[normalize-space()='Skip']"
+
+
+def dismiss_newsletter_dialog(driver) -> None:
+    """Dagster's first-visit newsletter dialog can open a moment after the page has drawn: wait for it briefly, skip
+    it, and make sure it is gone, so that it does not cover the screenshot."""
+    def showing(d) -> bool:
+        return any(e.is_displayed() for e in d.find_elements(By.XPATH, SKIP_NEWSLETTER))
+
+    try:
+        WebDriverWait(driver, 5, poll_frequency=0.3).until(showing)
+    except TimeoutException:
+        return
+    click_if_present(driver, SKIP_NEWSLETTER)
+    until(driver, "the newsletter dialog to close", lambda d: not showing(d))
+
+
 def text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
@@ -129,7 +146,7 @@ def check_dagster(driver, dagster_url: str, adapter_path: str, mlflow_run_url: s
     driver.get(f"{dagster_url}/locations/orchestration.definitions/asset-groups/persona")
     graph = until(driver, "the asset graph", lambda d: (g := d.execute_script(GRAPH_JS)) and set(STAGES) <= set(
         g["nodes"]) and all("Materialized" in g["nodes"][s] for s in STAGES) and g)
-    click_if_present(driver, "//button[normalize-space()='Skip']")  # the first-visit newsletter dialog
+    dismiss_newsletter_dialog(driver)
     edges = {tuple(e) for e in graph["edges"]}
     assert set(LINEAGE) <= edges, f"drawn edges: {sorted(edges)}"
     shot(driver, "dagster_asset_graph.png")
