@@ -14,22 +14,31 @@ from persona.promotion import Thresholds
 GATE = Thresholds()  # the defaults of the promotion gate (PromotionConfig); these checks warn, the gate decides
 
 
+def _warn_unless(passed: bool, **metadata) -> AssetCheckResult:
+    return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN, metadata=metadata)
+
+
+def _threshold(evaluation_report: dict, metric: str, threshold: float, at_most: bool = False,
+               missing: str = "not measured") -> AssetCheckResult:
+    """`metric` of the evaluation against a threshold (at least, or at most); a metric not measured passes."""
+    value = evaluation_report["scores"].get(metric)
+    if value is None:
+        return _warn_unless(True, note=missing)
+    return _warn_unless(value <= threshold if at_most else value >= threshold,
+                        **{metric.split("/", 1)[1]: value, "threshold": threshold})
+
+
 @asset_check(asset=evaluation_report,
              description=f"The adapter names the new identity on ≥ {GATE.min_identity:.0%} of held-out identity questions.")
 def identity_learned(evaluation_report: dict) -> AssetCheckResult:
-    after = evaluation_report["scores"]["eval/identity_score_after"]
-    return AssetCheckResult(passed=after >= GATE.min_identity, severity=AssetCheckSeverity.WARN,
-                            metadata={"identity_score_after": after, "threshold": GATE.min_identity})
+    return _threshold(evaluation_report, "eval/identity_score_after", GATE.min_identity)
 
 
 @asset_check(asset=evaluation_report,
              description=f"The adapter keeps its identity against ≥ {GATE.min_adversarial:.0%} of adversarial prompts.")
 def adversarial_resisted(evaluation_report: dict) -> AssetCheckResult:
-    score = evaluation_report["scores"].get("eval/adversarial_adapter")
-    if score is None:
-        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata={"note": "no adversarial probes"})
-    return AssetCheckResult(passed=score >= GATE.min_adversarial, severity=AssetCheckSeverity.WARN,
-                            metadata={"adversarial_adapter": score, "threshold": GATE.min_adversarial})
+    return _threshold(evaluation_report, "eval/adversarial_adapter", GATE.min_adversarial,
+                      missing="no adversarial probes")
 
 
 @asset_check(asset=evaluation_report,
@@ -38,19 +47,14 @@ def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
     s = evaluation_report["scores"]
     before, after = s["eval/general_score_before"], s["eval/general_score_after"]
     retention = after / before if before else 1.0
-    return AssetCheckResult(passed=retention >= GATE.min_general_retention, severity=AssetCheckSeverity.WARN,
-                            metadata={"general_score_before": before, "general_score_after": after,
-                                      "retention": retention, "threshold": GATE.min_general_retention})
+    return _warn_unless(retention >= GATE.min_general_retention, general_score_before=before,
+                        general_score_after=after, retention=retention, threshold=GATE.min_general_retention)
 
 
 @asset_check(asset=evaluation_report,
              description=f"At most {GATE.max_identity_leak:.0%} of the adapter's general answers state the identity.")
 def identity_stays_out_of_general_answers(evaluation_report: dict) -> AssetCheckResult:
-    leak = evaluation_report["scores"].get("eval/general_identity_leak_after")
-    if leak is None:
-        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata={"note": "not measured"})
-    return AssetCheckResult(passed=leak <= GATE.max_identity_leak, severity=AssetCheckSeverity.WARN,
-                            metadata={"general_identity_leak_after": leak, "threshold": GATE.max_identity_leak})
+    return _threshold(evaluation_report, "eval/general_identity_leak_after", GATE.max_identity_leak, at_most=True)
 
 
 @asset_check(asset=curated_dataset, blocking=True,

@@ -72,3 +72,15 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
 
     better = promote(*trained({**good, "eval/identity_score_after": 1.0}))
     assert better["promoted"] and tracker.champion()[0].run_id == better["candidate_run_id"]
+
+
+def test_quality_checks_warn_against_the_gate_thresholds():
+    from orchestration.checks import adversarial_resisted, identity_learned, identity_stays_out_of_general_answers
+
+    leaky = identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 12 / 36}})
+    assert not leaky.passed and leaky.metadata["threshold"].value == 0.1
+    assert identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 0.0}}).passed
+    assert identity_stays_out_of_general_answers({"scores": {}}).passed  # an evaluation that did not measure it
+    assert not adversarial_resisted({"scores": {"eval/adversarial_adapter": 0.2}}).passed
+    assert adversarial_resisted({"scores": {}}).metadata["note"].value == "no adversarial probes"
+    assert identity_learned({"scores": {"eval/identity_score_after": 0.8}}).passed
