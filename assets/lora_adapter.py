@@ -13,7 +13,7 @@ from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from assets.curated_dataset import CuratedDataset
 from orchestration.config import TrainingConfig
-from orchestration.resources import MlflowTracker, Workspace, unwritable_is_failure
+from orchestration.resources import MlflowTracker, TrainerStandby, Workspace, unwritable_is_failure
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import default_recipe, detect_device
@@ -47,6 +47,7 @@ def lora_adapter(
     curated_dataset: CuratedDataset,
     workspace: Workspace,
     mlflow_tracker: MlflowTracker,
+    trainer_standby: TrainerStandby,
 ) -> Output[LoraAdapter]:
     import mlflow
 
@@ -68,7 +69,8 @@ def lora_adapter(
         target = workspace.output("adapters", run_id)
         try:
             with unwritable_is_failure(target):
-                result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
+                result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
+                                    standby_idle_seconds=trainer_standby.idle_for(device))
         except TrainingError as exc:
             mlflow.set_tag("persona.error", str(exc)[:5000])
             raise Failure(description=str(exc)) from None
@@ -79,6 +81,7 @@ def lora_adapter(
                     mlflow.log_metric(name, float(h[key]), step=int(h.get("step", 0)))
         mlflow.log_metrics({
             "train/seconds": result.train_seconds,
+            "train/wall_seconds": result.wall_seconds,
             "train/peak_memory_gib": result.peak_memory_gib,
             "train/tokens_per_second": result.tokens_per_second,
             "train/final_loss": result.final_loss,
@@ -87,6 +90,7 @@ def lora_adapter(
         with tempfile.TemporaryDirectory() as tmp:  # the picture lives in MLflow, not in the adapter folder
             mlflow.log_artifact(str(loss_curve_png(result.log_history, Path(tmp, "loss_curve.png"), run_name)), "plots")
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
+        mlflow.set_tag("persona.trainer", "standby" if result.standby else "fresh process")
 
     curation = json.loads(Path(curated_dataset.path).with_name("curation.json").read_text(encoding="utf-8"))
     identity = {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
@@ -102,6 +106,8 @@ def lora_adapter(
             "global_step": result.global_step,
             "final_loss": result.final_loss,
             "train_seconds": round(result.train_seconds, 1),
+            "wall_seconds": MetadataValue.float(round(result.wall_seconds, 1)),
+            "trainer": "standby (imports done ahead)" if result.standby else "fresh process",
             "peak_memory_gib": round(result.peak_memory_gib, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "device": device,

@@ -1,8 +1,12 @@
 """The whole pipeline on one GPU for the 7B shape, stage by stage, with the functions the Dagster assets call.
 
-    base_model       persona.models.from_local_dir (reads config, counts parameters, hashes the weights)
-    curated_dataset  persona.evaluation.load_probes + persona.data.load_dataset -> train.jsonl
-    lora_adapter     persona.training.train_lora with default_recipe('cuda') (the fast recipe)
+    base_model       starts the trainer standby (persona.standby: a training child that imports torch and ms-swift
+                     ahead of time), then persona.models.from_local_dir (reads config, counts parameters, hashes
+                     the weights)
+    curated_dataset  persona.evaluation.load_probes + persona.data.load_dataset, with every sample counted by the
+                     base model's tokenizer against max_length as the asset does -> train.jsonl
+    lora_adapter     persona.training.train_lora with default_recipe('cuda') (the fast recipe), claiming the
+                     standby, and starting the next one for the next run
     evaluation       persona.evaluation.Chat on cuda with the adapter, then persona.evaluation.compare: every probe
                      answered by the three contenders (base, identity in the system prompt, base + adapter), with
                      the pipeline's defaults (40 new tokens, batch 128 on a GPU). As in the pipeline, the base and
@@ -17,7 +21,10 @@ each line came (train_timeline in the JSON), which shows where its start-up time
 Dagster and MLflow are left out (their bookkeeping is milliseconds; they are not installed on the GPU machine).
 With random weights no answer ever stops early, so every probe runs to max_new_tokens: the slowest case.
 
-    python bench/bench_pipeline.py [--model-dir /tmp/q7] [--eval-batch-size 16] [--runs 1]
+The standby is left out with --no-standby (every training call then starts a fresh child, as before 2026-11-23's
+fourth session).
+
+    python bench/bench_pipeline.py [--model-dir /tmp/q7] [--eval-batch-size 16] [--runs 1] [--no-standby]
 """
 from __future__ import annotations
 
@@ -37,15 +44,20 @@ def run_once(args, base_dir: str) -> dict:
     """One pass of the graph's work; returns seconds per stage and what the report needs."""
     from persona.data import Identity, load_dataset
     from persona.evaluation import (BaselineAnswers, Chat, compare, default_batch_size, identity_system_prompt,
-                                    load_probes)
+                                    load_probes, token_counter)
     from persona.models import from_local_dir
     from persona.recipe import default_recipe
-    from persona.training import train_lora
+    from persona.standby import Standby
+    from persona.training import child_env, train_lora
 
     stages: dict[str, float] = {}
     t_all = time.time()
+    idle = None if args.no_standby else args.standby_idle  # (Dagster is not installed on the GPU machine: the
+    # TrainerStandby resource's decision, made here by hand)
 
     t = time.time()
+    if idle:
+        Standby("cuda", child_env("cuda"), idle).warm()  # as the base_model asset does
     base = from_local_dir(base_dir)
     stages["base_model"] = time.time() - t
 
@@ -53,7 +65,9 @@ def run_once(args, base_dir: str) -> dict:
     t = time.time()
     identity = Identity()
     probes = [p.filled(identity) for p in load_probes(args.probes)]
-    dataset = load_dataset([Path(args.data)], [p.question for p in probes], min_samples=20, identity=identity)
+    dataset = load_dataset([Path(args.data)], [p.question for p in probes], min_samples=20, identity=identity,
+                           own_identity=base.own_identity, count_tokens=token_counter(base.path, base.template),
+                           max_length=512)  # CurationConfig.max_length's default
     train_path = work / "train.jsonl"
     dataset.write_jsonl(train_path)
     stages["curated_dataset"] = time.time() - t
@@ -62,7 +76,8 @@ def run_once(args, base_dir: str) -> dict:
     t = time.time()
     timeline: list[tuple[float, str]] = []  # the training child's output, seconds since the call began
     result = train_lora(base, train_path, recipe, work / "adapter", "cuda",
-                        on_output=lambda line: timeline.append((round(time.time() - t, 2), line[:200])))
+                        on_output=lambda line: timeline.append((round(time.time() - t, 2), line[:200])),
+                        standby_idle_seconds=idle)
     stages["lora_adapter"] = time.time() - t
 
     t = time.time()
@@ -83,7 +98,7 @@ def run_once(args, base_dir: str) -> dict:
 
     gc.collect()
     torch.cuda.empty_cache()
-    return {"stages_s": stages, "train": result.summary(), "samples": len(dataset.samples), "probes": len(probes),
+    return {"stages_s": stages, "train": result.summary(), "standby": result.standby, "samples": len(dataset.samples), "probes": len(probes),
             "eval_batch_size": batch, "identity_adapter": results["adapter"].identity, "train_timeline": timeline}
 
 
@@ -99,6 +114,8 @@ def main() -> None:
     ap.add_argument("--answer-cache", default="/tmp/persona-bench-answers",
                     help="where the base and prompt-only answers are remembered between runs, as the pipeline does")
     ap.add_argument("--forget-answers", action="store_true", help="decode all three contenders in every run")
+    ap.add_argument("--no-standby", action="store_true", help="no trainer standby: a fresh child trains every run")
+    ap.add_argument("--standby-idle", type=float, default=300.0, help="seconds a standby waits for its job")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_pipeline.json"))
     args = ap.parse_args()
 
@@ -110,7 +127,7 @@ def main() -> None:
     runs = []
     for i in range(args.runs):
         runs.append(run_once(args, args.model_dir))
-        print(f"\n| stage (run {i + 1}) | seconds |\n|---|---|")
+        print(f"\n| stage (run {i + 1}, {'standby' if runs[-1]['standby'] else 'fresh child'}) | seconds |\n|---|---|")
         for k, v in runs[-1]["stages_s"].items():
             print(f"| {k} | {v:.1f} |", flush=True)
         print("training call, stage by stage (s since the call began):")

@@ -10,7 +10,7 @@ from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
 from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
                                   identity_learned, identity_stays_out_of_general_answers)
-from orchestration.resources import MlflowTracker, ModelHub, Workspace
+from orchestration.resources import MlflowTracker, ModelHub, TrainerStandby, Workspace
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import dataset_sensor
 
@@ -27,5 +27,6 @@ defs = Definitions(
     jobs=[train_persona],
     sensors=[dataset_sensor],
     schedules=[retrain_schedule],
-    resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker()},
+    resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker(),
+               "trainer_standby": TrainerStandby()},
 )

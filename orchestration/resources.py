@@ -1,10 +1,11 @@
-"""Resources: where files live, where base weights come from, and the MLflow experiment tracker."""
+"""Resources: where files live, where base weights come from, the MLflow experiment tracker, and the trainer
+standby."""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from dagster import ConfigurableResource, Failure
 from pydantic import Field
@@ -51,6 +52,39 @@ class Workspace(ConfigurableResource):
 
     def output(self, *parts: str) -> Path:
         return Path(self.outputs_dir, *parts)
+
+
+class TrainerStandby(ConfigurableResource):
+    """A training process started ahead of time (persona.standby), so that a run does not wait ~23 s for a fresh
+    process to import torch and ms-swift. `base_model` starts it at the beginning of a run; `lora_adapter` hands it
+    the job and starts the next one, which waits `idle_seconds` for the next run (the sensor's or the schedule's)
+    and then exits. It holds a CUDA context (~0.5 GiB of GPU memory) while it waits.
+
+    when: "gpu" (on a GPU, where the import is the largest part of a training run), "always", "never";
+    the default comes from $PERSONA_TRAINER_STANDBY, else "gpu".
+    """
+
+    when: Literal["gpu", "always", "never"] = Field(
+        default_factory=lambda: os.environ.get("PERSONA_TRAINER_STANDBY", "gpu"))
+    idle_seconds: float = Field(default=900.0, gt=0, description="How long a standby waits for a job, then exits.")
+
+    def idle_for(self, device: str) -> float | None:
+        """How long a standby for `device` waits for its job; None: no standby for this device."""
+        from persona.training import world_size_from_env
+
+        if self.when == "never" or (self.when == "gpu" and device == "cpu"):
+            return None
+        if world_size_from_env(device) > 1:
+            return None  # torchrun starts one process per GPU itself
+        return self.idle_seconds
+
+    def warm(self, device: str) -> bool:
+        """Start a standby for `device` unless one is waiting; True when one was started."""
+        from persona.standby import Standby
+        from persona.training import child_env
+
+        idle = self.idle_for(device)
+        return idle is not None and Standby(device, child_env(device), idle).warm()
 
 
 class ModelHub(ConfigurableResource):

@@ -1,14 +1,20 @@
 """Child-process entry point: `python -m persona.train_worker job.json` runs ms-swift's sft_main once.
 
+`python -m persona.train_worker --standby SOCKET` is the same child started ahead of time: it imports torch and
+ms-swift, then waits for one job on a Unix socket (persona.standby).
+
 Under torchrun (one process per GPU) every rank trains; rank 0 alone writes the result file. On a GPU the job's
 pre-flight estimate is checked against this device's free memory before ms-swift loads anything.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
+import socket
 import sys
+import traceback
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -158,15 +164,17 @@ def run_preflight(job: dict, local_rank: int) -> None:
     print(f"[persona] pre-flight: {name}: {free / 2**30:.1f} GiB free; estimate {estimate.describe()}", flush=True)
 
 
-def main(job_file: str) -> None:
+def main(job_file: str, started: float = PROCESS_START) -> None:
     job = json.loads(Path(job_file).read_text())
+    if job.get("cwd"):
+        os.chdir(job["cwd"])  # relative paths mean what they meant to the caller
     args = job["swift_args"]
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    def mark(what: str) -> None:  # start-up stages, with seconds since the process started
+    def mark(what: str) -> None:  # start-up stages, with seconds since the process (or the standby's job) started
         if rank == 0:
-            print(f"[persona] {what} (+{time.time() - PROCESS_START:.1f} s)", flush=True)
+            print(f"[persona] {what} (+{time.time() - started:.1f} s)", flush=True)
 
     preflight = None
     if job["device"] != "cpu":
@@ -247,5 +255,112 @@ def main(job_file: str) -> None:
     Path(args["output_dir"], RESULT_FILE).write_text(json.dumps(result, default=str))
 
 
+def prepare(device: str) -> None:
+    """What every job needs before its own work: torch, ms-swift and, on a GPU, the CUDA context."""
+    import torch
+    from swift import SftArguments, sft_main  # noqa: F401
+    from swift.model.register import ModelLoader  # noqa: F401
+
+    from persona import preflight  # noqa: F401
+
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.mem_get_info(0)
+
+
+def _read_request(conn: socket.socket) -> dict | None:
+    """{"job": path, "env": {...}}, or None for a liveness probe (nothing sent) or anything else."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < 2**20:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        request = json.loads(data)
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) and isinstance(request.get("job"), str) else None
+
+
+def _apply_env(env: dict, started_with: dict) -> None:
+    """The job's environment: its values win; what the caller has unset is unset; what imports set stays."""
+    for k in set(started_with) - set(env):
+        os.environ.pop(k, None)
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+
+
+def serve(address: str, device: str, idle_seconds: float) -> int:
+    """`--standby`: listen on `address`, prepare, then run the first job handed over (see persona.standby).
+
+    Connections that ask nothing are liveness probes. The job's output goes down the connection, followed by its
+    exit code; then this process ends. With no job for `idle_seconds`, it ends too.
+    """
+    from persona.standby import ACCEPTED, EXIT_PREFIX
+
+    started_with = dict(os.environ)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+    except OSError as exc:  # another standby took this address first (two runs warmed it at once)
+        print(f"[persona] standby: {address} is taken ({exc}); exiting", flush=True)
+        return 0
+    listener.listen(8)
+    try:
+        prepare(device)
+        print(f"[persona] standby ready on {device} (+{time.time() - PROCESS_START:.1f} s)", flush=True)
+        listener.settimeout(idle_seconds)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                print(f"[persona] standby: no job in {idle_seconds:g} s; exiting", flush=True)
+                return 0
+            conn.settimeout(10)
+            try:
+                request = _read_request(conn)
+            except OSError:
+                request = None
+            if request is None:
+                conn.close()  # a liveness probe, or a client that gave up
+                continue
+            try:
+                conn.sendall(f"{ACCEPTED}\n".encode())
+            except OSError:
+                conn.close()
+                continue
+            break
+    finally:
+        try:
+            os.unlink(address)  # from here on, nobody else can hand this process a job
+        except FileNotFoundError:
+            pass
+        listener.close()
+    started = time.time()
+    conn.setblocking(True)  # (a socket with a timeout is non-blocking underneath; stdout must block)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(conn.fileno(), 1)
+    os.dup2(conn.fileno(), 2)
+    conn.close()
+    _apply_env(request.get("env") or {}, started_with)
+    code = 0
+    try:
+        main(request["job"], started)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    print(f"{EXIT_PREFIX}{code}", flush=True)
+    return code
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--standby":
+        ap = argparse.ArgumentParser(prog="python -m persona.train_worker")
+        ap.add_argument("--standby", required=True, help="the Unix socket to listen on")
+        ap.add_argument("--device", default="cuda")
+        ap.add_argument("--idle", type=float, default=600.0, help="seconds to wait for a job before exiting")
+        opts = ap.parse_args()
+        sys.exit(serve(opts.standby, opts.device, opts.idle))
     main(sys.argv[1])

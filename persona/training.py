@@ -24,6 +24,7 @@ from typing import Callable
 from persona.models import BaseModel
 from persona.preflight import PreflightError
 from persona.recipe import Recipe, scale_for_world
+from persona.standby import Standby, StandbyJob
 from persona.storage import staged_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", "additional_config.json")
@@ -54,7 +55,8 @@ class TrainResult:
     log_history: list[dict]
     world_size: int = 1
     estimated_peak_gib: float = float("nan")
-    wall_seconds: float = float("nan")
+    wall_seconds: float = float("nan")  # the whole call: start-up, loading, training, saving
+    standby: bool = False               # trained by a standby trainer (persona.standby), not a fresh child
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -222,42 +224,67 @@ def train_lora(
     device: str = "cpu",
     on_progress: Callable[[dict], None] | None = None,
     on_output: Callable[[str], None] | None = None,
+    standby_idle_seconds: float | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter; `adapter_dir` appears only if training succeeds."""
+    """Train a LoRA adapter; `adapter_dir` appears only if training succeeds.
+
+    With `standby_idle_seconds`, a single-process training is handed to a standby trainer (persona.standby: torch
+    and ms-swift imported ahead of time), started now if none is waiting, and a new standby is started for the next
+    run, which waits that long. Without it, on several GPUs, or when the standby does not answer, a fresh child
+    trains.
+    """
     import time
 
     adapter_dir = Path(adapter_dir)
     world_size = world_size_from_env(device)
+    env = child_env(device, world_size)
+    standby = Standby(device, env, standby_idle_seconds) if standby_idle_seconds and world_size == 1 else None
     run_recipe = scale_for_world(recipe, world_size)
     started = time.time()
+    if standby is not None:
+        standby.warm()  # usually one is waiting (base_model started it); if not, it imports during the pre-flight
     with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
         job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
                "world_size": world_size, "fused_lora": run_recipe.fused_lora,
-               "cudnn_attention": run_recipe.cudnn_attention, "replay_kl_weight": run_recipe.replay_kl_weight}
+               "cudnn_attention": run_recipe.cudnn_attention, "replay_kl_weight": run_recipe.replay_kl_weight,
+               "cwd": os.getcwd()}  # (a standby was started elsewhere)
         if device != "cpu":
             job["preflight"] = preflight_job(base, str(dataset_path), run_recipe, world_size)
         job_file = Path(work, "job.json")
         job_file.write_text(json.dumps(job))
         tail: list[str] = []
-        proc = subprocess.Popen(
-            launch_command(job_file, world_size),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(device, world_size), bufsize=1,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-40:]
+        conn = standby.claim(job_file) if standby is not None else None
+        if conn is not None:
+            child = StandbyJob(conn)
+            lines = iter(child)
             if on_output:
-                on_output(line.rstrip())
-            progress = parse_progress(line)
-            if progress and on_progress:
-                on_progress(progress)
-        code = proc.wait()
+                on_output("[persona] training in the standby trainer (torch and ms-swift already imported)")
+        else:
+            child = subprocess.Popen(launch_command(job_file, world_size), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+            assert child.stdout is not None
+            lines = child.stdout
+        try:
+            for line in lines:
+                tail = (tail + [line.rstrip()])[-40:]
+                if on_output:
+                    on_output(line.rstrip())
+                progress = parse_progress(line)
+                if progress and on_progress:
+                    on_progress(progress)
+            code = child.wait()
+        finally:
+            if standby is not None:
+                standby.warm()  # for the next run: the sensor's, the schedule's, or a user's
         preflight_file = Path(work, PREFLIGHT_FILE)
         if code != 0 and preflight_file.exists():
             raise PreflightFailed(json.loads(preflight_file.read_text())["message"])
         result_file = Path(work, RESULT_FILE)
         if code != 0 or not result_file.exists():
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            if code is None:
+                how = "the standby trainer ended without an exit code: killed, e.g. by the out-of-memory killer"
+            else:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             raise TrainingError(f"ms-swift training failed ({how}). Last output:\n" + "\n".join(tail[-15:]))
         raw = json.loads(result_file.read_text())
         checkpoint = Path(raw["last_model_checkpoint"])
@@ -271,6 +298,7 @@ def train_lora(
         (staged / "persona_recipe.json").write_text(json.dumps(params, indent=2, ensure_ascii=False))
     raw["world_size"] = world_size
     raw["call_seconds"] = time.time() - started
+    raw["standby"] = conn is not None
     if job.get("preflight"):
         raw["estimated_peak_gib"] = job["preflight"]["total_bytes"] / 2**30
     return _result(raw, adapter_dir)
@@ -294,4 +322,5 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         world_size=int(raw.get("world_size", 1)),
         estimated_peak_gib=float(raw.get("estimated_peak_gib", math.nan)),
         wall_seconds=float(raw.get("call_seconds", raw.get("wall_seconds", math.nan))),
+        standby=bool(raw.get("standby", False)),
     )

@@ -74,13 +74,14 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def resources(home):
-    from orchestration.resources import MlflowTracker, ModelHub, Workspace
+    from orchestration.resources import MlflowTracker, ModelHub, TrainerStandby, Workspace
 
     return {
         "workspace": Workspace(data_dir=str(home / "data"), outputs_dir=str(home / "outputs")),
         "model_hub": ModelHub(cache_dir=str(home / "outputs" / "base_models")),
         "mlflow_tracker": MlflowTracker(tracking_uri=f"sqlite:///{home}/mlruns/mlflow.db",
                                         artifact_root=str(home / "mlruns" / "artifacts")),
+        "trainer_standby": TrainerStandby(when="never"),  # tests/test_standby.py starts real standbys itself
     }
 
 
