@@ -7,15 +7,16 @@ the data, or while the previous run evaluates:
 
 1. `warm()` starts `python -m persona.train_worker --standby SOCKET`, detached. It listens on a Unix socket,
    imports torch and ms-swift, creates its CUDA context, and waits.
-2. `claim()` connects and hands it one job file. The standby answers "accepted", sends its output down the
-   socket as the usual child would on its stdout, says its exit code last, and exits: one job per process, so an
-   OOM, a CUDA error or ms-swift's patches never outlive the job, as with the cold child.
-3. Nobody claims it: it exits after `idle_seconds`.
+2. `claim()` connects and hands it one job: the job file and the child's environment. The standby answers
+   "accepted", sends its output down the socket as the fresh child would on its stdout, says its exit code last,
+   and exits: one job per process, so an OOM, a CUDA error or ms-swift's patches never outlive the job.
+3. Nobody claims it: it exits after `idle_seconds`. Its output before the job goes to SOCKET's `.log` file.
 
 The socket's name is a digest of what the standby's start depends on (interpreter, persona's code, the device,
 the environment variables its imports and CUDA read), so a standby started before such a change is never handed
-a job; it idles out. The rest of the environment comes with the job. Anything unexpected (no standby, a dead one, one that does not accept within `accept_timeout`) falls
-back to the cold child: a standby can make a training faster, never fail it.
+a job; it idles out. The rest of the environment comes with the job. Anything unexpected (no standby, a dead one,
+one that does not accept within `accept_timeout`, a folder it cannot use) falls back to the fresh child: a standby
+can make a training faster, never fail it.
 """
 from __future__ import annotations
 
@@ -106,10 +107,14 @@ class Standby:
 
     def warm(self) -> bool:
         """Start a standby unless one is waiting already. True when one was started."""
-        if self.alive():
+        try:
+            if self.alive():
+                return False
+            path = self.address
+            log = open(path.with_suffix(".log"), "wb")
+        except OSError as exc:  # e.g. an unusable folder: say so, and train as without a standby
+            print(f"[persona] no trainer standby: {exc}", file=sys.stderr, flush=True)
             return False
-        path = self.address
-        log = open(path.with_suffix(".log"), "ab")
         cmd = [sys.executable, "-m", "persona.train_worker", "--standby", str(path), "--device", self.device,
                "--idle", str(self.idle_seconds)]
         try:
@@ -126,7 +131,10 @@ class Standby:
 
     def claim(self, job_file: str | Path) -> socket.socket | None:
         """Hand the standby `job_file`; the connected socket carries its output. None: there is no usable standby."""
-        s = self._connect()
+        try:
+            s = self._connect()
+        except OSError:
+            return None
         if s is None:
             return None
         try:

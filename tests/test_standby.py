@@ -156,6 +156,7 @@ def test_the_standby_folder_must_be_private(tmp_path, monkeypatch):
     monkeypatch.setenv(standby_module.DIR_ENV, str(shared))
     with pytest.raises(PermissionError, match="must belong to you and be private"):
         Standby("cuda", {}).address
+    assert Standby("cuda", {}).warm() is False and Standby("cuda", {}).claim("job.json") is None  # never a failure
 
 
 def test_the_resource_starts_standbys_on_gpus_by_default(monkeypatch):
