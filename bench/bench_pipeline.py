@@ -73,20 +73,47 @@ def run_once(args, base_dir: str) -> dict:
     stages["curated_dataset"] = time.time() - t
 
     recipe = default_recipe("cuda")
+    batch = args.eval_batch_size or default_batch_size("cuda")
+    remembered = None if args.forget_answers else BaselineAnswers(args.answer_cache, base.weights_sha256)
+    prompt_only = identity_system_prompt(identity, recipe.system)
+    baseline = None
+    if args.overlap_baseline and remembered is not None:
+        # An experiment, not what the assets do: the base and prompt-only answers decoded in this process while the
+        # standby trains, on the same GPU; the evaluation below then finds them remembered.
+        import threading
+
+        def decode_baseline() -> None:
+            t0 = time.time()
+            before = Chat(base.path, None, base.template, recipe.system, "cuda")
+            compare(before, probes, base.own_identity, prompt_only, max_new_tokens=args.max_new_tokens,
+                    batch_size=batch, remembered=remembered)
+            del before
+            stages["baseline_while_training"] = time.time() - t0
+
+        baseline = threading.Thread(target=decode_baseline)
     t = time.time()
     timeline: list[tuple[float, str]] = []  # the training child's output, seconds since the call began
+    if baseline is not None:
+        baseline.start()
     result = train_lora(base, train_path, recipe, work / "adapter", "cuda",
                         on_output=lambda line: timeline.append((round(time.time() - t, 2), line[:200])),
                         standby_idle_seconds=idle)
     stages["lora_adapter"] = time.time() - t
+    if baseline is not None:
+        baseline.join()
+        stages["lora_adapter_and_baseline"] = time.time() - t
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
     t = time.time()
     chat = Chat(base.path, result.adapter_dir, base.template, recipe.system, "cuda")
     stages["evaluation_load"] = time.time() - t
-    batch = args.eval_batch_size or default_batch_size("cuda")
     t = time.time()
-    remembered = None if args.forget_answers else BaselineAnswers(args.answer_cache, base.weights_sha256)
-    results = compare(chat, probes, base.own_identity, identity_system_prompt(identity, recipe.system),
+    results = compare(chat, probes, base.own_identity, prompt_only,
                       max_new_tokens=args.max_new_tokens, batch_size=batch, remembered=remembered,
                       log=lambda line: print(f"[evaluation] {line}", flush=True))
     stages["evaluation_three_contenders"] = time.time() - t
@@ -114,6 +141,8 @@ def main() -> None:
     ap.add_argument("--answer-cache", default="/tmp/persona-bench-answers",
                     help="where the base and prompt-only answers are remembered between runs, as the pipeline does")
     ap.add_argument("--forget-answers", action="store_true", help="decode all three contenders in every run")
+    ap.add_argument("--overlap-baseline", action="store_true", help="experiment: decode the base and prompt-only "
+                    "answers while the standby trains (same GPU)")
     ap.add_argument("--no-standby", action="store_true", help="no trainer standby: a fresh child trains every run")
     ap.add_argument("--standby-idle", type=float, default=300.0, help="seconds a standby waits for its job")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_pipeline.json"))
