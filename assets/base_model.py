@@ -5,13 +5,12 @@ from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 from orchestration.config import BaseModelConfig
 from orchestration.resources import ModelHub, TrainerStandby
 from persona.models import BaseModel, ModelSourceError
-from persona.recipe import detect_device
 
 
 @asset(group_name="persona", code_version="1", description=__doc__)
 def base_model(context: AssetExecutionContext, config: BaseModelConfig, model_hub: ModelHub,
                trainer_standby: TrainerStandby) -> Output[BaseModel]:
-    if trainer_standby.when != "never" and trainer_standby.warm(detect_device()):
+    if trainer_standby.warm():
         # It imports torch and ms-swift while this run prepares the weights and the data; lora_adapter claims it.
         context.log.info("Started a standby trainer (torch and ms-swift import while the run goes on).")
     context.log.info(f"Preparing base model '{config.model}' (the embedded default converts once, then is cached).")

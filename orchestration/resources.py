@@ -78,11 +78,15 @@ class TrainerStandby(ConfigurableResource):
             return None  # torchrun starts one process per GPU itself
         return self.idle_seconds
 
-    def warm(self, device: str) -> bool:
-        """Start a standby for `device` unless one is waiting; True when one was started."""
+    def warm(self, device: str | None = None) -> bool:
+        """Start a standby for `device` (default: this machine's) unless one is waiting; True when one was started."""
+        from persona.recipe import detect_device
         from persona.standby import Standby
         from persona.training import child_env
 
+        if self.when == "never":
+            return False  # (without looking for a GPU, which imports torch)
+        device = device or detect_device()
         idle = self.idle_for(device)
         return idle is not None and Standby(device, child_env(device), idle).warm()
 

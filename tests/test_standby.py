@@ -195,7 +195,7 @@ def test_a_run_starts_the_standby_with_the_base_model_and_the_training_claims_it
     warmed, claimed = [], []
     monkeypatch.setattr(Standby, "warm", lambda self: warmed.append(self.device) or True)
     monkeypatch.setattr(Standby, "claim", lambda self, job: claimed.append((self.device, self.idle_seconds)))
-    monkeypatch.setattr("assets.base_model.detect_device", lambda: "cpu")
+    monkeypatch.setattr("persona.recipe.detect_device", lambda: "cpu")
     config = {"ops": {"base_model": {"config": {"model": str(tiny_model)}},
                       "lora_adapter": {"config": {"device": "cpu", "num_train_epochs": 1}}}}
     resources = {**resources, "trainer_standby": TrainerStandby(when="always", idle_seconds=42)}
