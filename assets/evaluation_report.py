@@ -5,7 +5,9 @@ Scores per probe kind: identity (zh/en), adversarial, multi-turn, stability (sam
 consistent) and general (checkable questions: arithmetic, facts, code).
 
 The base and prompt-only answers depend only on the base weights, the probes and the decoding settings: a run that
-changed only the training data reuses them from outputs/answer_cache and decodes the adapter's rows alone.
+changed only the training data reuses them from outputs/answer_cache and decodes the adapter's rows alone. On a GPU
+that has room, `lora_adapter` loads the base model and decodes them while the adapter trains (`while_training`);
+this step then puts the adapter on the loaded model.
 """
 import json
 import tempfile
@@ -18,8 +20,7 @@ from assets.lora_adapter import LoraAdapter
 from orchestration.config import EvaluationConfig
 from orchestration.resources import MlflowTracker, Workspace
 from persona.data import Identity
-from persona.evaluation import (BaselineAnswers, Chat, as_json, compare, comparison_table, default_batch_size,
-                                identity_system_prompt, load_probes, metrics, scores_table)
+from persona.evaluation import EarlyEvaluation, as_json, comparison_table, metrics, scores_table
 from persona.models import BaseModel
 
 
@@ -35,16 +36,21 @@ def evaluation_report(
 ) -> Output[dict]:
     import mlflow
 
-    probes = load_probes(curated_dataset.probes_path)
     identity = Identity(**lora_adapter.identity)
-    chat = Chat(base_model.path, lora_adapter.path, base_model.template, lora_adapter.system, lora_adapter.device)
+    setup = config.setup(base_model, curated_dataset.probes_path, identity, lora_adapter.system, lora_adapter.device,
+                         workspace.output("answer_cache"))
+    probes = setup.probes()
+    early = EarlyEvaluation.take(setup)
+    chat = early.chat() if early else None
+    if early:
+        context.log.info(f"Started while the adapter trained: {early.outcome} ({early.seconds:.1f} s).")
+    if chat is None:
+        chat = setup.load(lora_adapter.path)
+    else:
+        chat.attach_adapter(lora_adapter.path)
     context.log.info(f"Asking {len(probes)} probes to the base model, to the prompt-only variant and to base + adapter")
-    results = compare(chat, probes, base_model.own_identity, identity_system_prompt(identity, lora_adapter.system),
-                      max_new_tokens=config.max_new_tokens,
-                      batch_size=config.batch_size or default_batch_size(lora_adapter.device),
-                      stability_samples=config.stability_samples,
-                      remembered=BaselineAnswers(workspace.output("answer_cache"), base_model.weights_sha256),
-                      log=context.log.info, on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
+    results = setup.compare(chat, log=context.log.info,
+                            on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
     scores = metrics(results, identity.markers())
     kinds_table, answers_table = scores_table(results), comparison_table(results)
     report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,
@@ -65,6 +71,7 @@ def evaluation_report(
         metadata={
             **contract,
             "probes": len(probes),
+            "while_training": f"{early.outcome} ({early.seconds:.1f} s)" if early else "nothing",
             "scores_by_kind": MetadataValue.md(kinds_table),
             "before_after": MetadataValue.md(answers_table),
             "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(lora_adapter.mlflow_run_id)),

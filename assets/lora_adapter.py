@@ -9,11 +9,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetKey, Failure, MetadataValue, Output, asset
 
 from assets.curated_dataset import CuratedDataset
-from orchestration.config import TrainingConfig
+from orchestration.config import EvaluationConfig, TrainingConfig
+from orchestration.project_config import op_config
 from orchestration.resources import MlflowTracker, TrainerStandby, Workspace, unwritable_is_failure
+from persona.data import Identity
+from persona.evaluation import EarlyEvaluation
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import default_recipe, detect_device
@@ -33,6 +36,12 @@ class LoraAdapter:
 
 
 MANIFEST = "persona_adapter.json"  # written last: its presence marks a complete adapter
+
+
+def curation_identity(curated: CuratedDataset) -> dict:
+    """The Identity fields the dataset was curated for (its curation.json)."""
+    curation = json.loads(Path(curated.path).with_name("curation.json").read_text(encoding="utf-8"))
+    return {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
 
 
 # code_version: bump it with any change to how an adapter is trained (persona/recipe.py, training.py,
@@ -66,14 +75,33 @@ def lora_adapter(
             context.log.info(f"step {p.get('global_step/max_steps')}: loss {p.get('loss', p.get('train_loss'))}, "
                              f"elapsed {p.get('elapsed_time')}, remaining {p.get('remaining_time')}")
 
+        identity = curation_identity(curated_dataset)
+        early: list[EarlyEvaluation] = []
+
+        def meanwhile(training_bytes: int | None) -> None:
+            evaluation = EvaluationConfig(**op_config(context.run_config, "evaluation_report"))
+            if (evaluation.starts_while_training(device)
+                    and AssetKey("evaluation_report") in context.job_def.asset_layer.selected_asset_keys):
+                setup = evaluation.setup(base_model, curated_dataset.probes_path, Identity(**identity), recipe.system,
+                                         device, workspace.output("answer_cache"))
+                early.append(EarlyEvaluation.start(setup, training_bytes))
+                context.log.info("While the adapter trains, this process loads the base model and answers the "
+                                 "probes without the adapter (evaluation_report's first half; while_training: "
+                                 f"{evaluation.while_training}).")
+
         target = workspace.output("adapters", run_id)
         try:
             with unwritable_is_failure(target):
                 result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
-                                    standby_idle_seconds=trainer_standby.idle_for(device))
-        except TrainingError as exc:
-            mlflow.set_tag("persona.error", str(exc)[:5000])
-            raise Failure(description=str(exc)) from None
+                                    standby_idle_seconds=trainer_standby.idle_for(device), meanwhile=meanwhile)
+        except BaseException as exc:
+            for e in early:  # no evaluation follows: free what it loaded
+                if EarlyEvaluation.take(e.setup) is e:
+                    e.discard()
+            if isinstance(exc, TrainingError):
+                mlflow.set_tag("persona.error", str(exc)[:5000])
+                raise Failure(description=str(exc)) from None
+            raise
 
         for h in result.log_history:
             for key, name in STEP_METRICS.items():
@@ -92,8 +120,6 @@ def lora_adapter(
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
         mlflow.set_tag("persona.trainer", "standby" if result.standby else "fresh process")
 
-    curation = json.loads(Path(curated_dataset.path).with_name("curation.json").read_text(encoding="utf-8"))
-    identity = {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
     adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version, identity)
     Path(result.adapter_dir, MANIFEST).write_text(json.dumps(
         {**asdict(adapter), "base_model": base_model.path, "template": base_model.template,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -194,8 +195,19 @@ class Chat:
             model = PeftModel.from_pretrained(model, adapter_dir)
         self.has_adapter = bool(adapter_dir)
         self.model = model.to(device).eval()
+        self.model_dir = model_dir
         end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = [i for i in {self.tok.eos_token_id, end} if isinstance(i, int) and i >= 0]
+
+    def attach_adapter(self, adapter_dir: str) -> None:
+        """Put a LoRA adapter on the loaded base model: the same model as `Chat(model_dir, adapter_dir, ...)`, without
+        loading the base weights again."""
+        from peft import PeftModel
+
+        if self.has_adapter:
+            raise ValueError(f"this model already has an adapter; load {self.model_dir} again for {adapter_dir}")
+        self.model = PeftModel.from_pretrained(self.model, adapter_dir).to(self.device).eval()
+        self.has_adapter = True
 
     def prompt(self, question: str, history: Iterable[dict] = (), system: str | None = None) -> str:
         msgs = [{"role": "system", "content": system or self.system}, *history, {"role": "user", "content": question}]
@@ -358,6 +370,170 @@ def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identi
         if name in todo:
             remembered.put(key, answers[name])
     return {name: score(asked, answers[name], own_identity) for name in contenders}
+
+
+@dataclass(frozen=True)
+class EvaluationSetup:
+    """Everything an evaluation depends on but the adapter: the base model and how it is prompted, the probes, the
+    decoding settings, and where the base and prompt-only answers are remembered."""
+
+    model_dir: str
+    template: str | None
+    system: str
+    device: str
+    probes_path: str
+    identity: Identity
+    own_identity: tuple[str, ...]
+    answer_cache: str
+    base_digest: str
+    max_new_tokens: int = 40
+    batch_size: int | None = None
+    stability_samples: int = 3
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size or default_batch_size(self.device)
+
+    def probes(self) -> list[Probe]:
+        return load_probes(self.probes_path)
+
+    def identity_prompt(self) -> str:
+        return identity_system_prompt(self.identity, self.system)
+
+    def load(self, adapter_dir: str | None = None) -> Chat:
+        return Chat(self.model_dir, adapter_dir, self.template, self.system, self.device)
+
+    def compare(self, chat: Chat, log: Callable[[str], None] | None = None,
+                on_batch: Callable[[int, int], None] | None = None) -> dict[str, Scores]:
+        """The three contenders' scores (two without an adapter on `chat`), reusing remembered baseline answers."""
+        return compare(chat, self.probes(), self.own_identity, self.identity_prompt(),
+                       max_new_tokens=self.max_new_tokens, batch_size=self.batch,
+                       stability_samples=self.stability_samples,
+                       remembered=BaselineAnswers(self.answer_cache, self.base_digest), log=log, on_batch=on_batch)
+
+    def decoding_bytes(self) -> int | None:
+        """GPU memory that decoding one batch of probes needs (persona.preflight.estimate_decoding); None for a
+        model whose shape is unknown."""
+        from persona import preflight
+
+        try:
+            shape = preflight.ModelShape.from_dir(self.model_dir)
+        except (OSError, KeyError, ValueError):
+            return None
+        tok = chat_tokenizer(self.model_dir, self.template)
+        longest = 0
+        for p in self.probes():
+            for system in (self.system, self.identity_prompt()):
+                msgs = [{"role": "system", "content": system}, *p.history, {"role": "user", "content": p.question}]
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]))
+        return preflight.estimate_decoding(shape, rows=self.batch, prompt_tokens=longest,
+                                           new_tokens=self.max_new_tokens)
+
+
+class EarlyEvaluation:
+    """The half of the evaluation that needs no adapter, done in a thread of this process while the adapter trains
+    in another: load the base model, and decode and remember the base and prompt-only answers. The evaluation then
+    puts the adapter on the loaded model (`take(setup).chat()`) and decodes the adapter's rows only.
+
+    On a GPU it loads nothing unless the training's estimate and the decoding's both fit in the free memory, with
+    the pre-flight's margin; measured before loading, so the training's own pre-flight still passes whichever
+    starts first. It never fails anything: what goes wrong is said in `outcome`, and the evaluation loads the model
+    itself as before. Measured on an H100 with a 7B model: BENCHMARKS.md, section 4.
+    """
+
+    _waiting: dict[EvaluationSetup, "EarlyEvaluation"] = {}  # for the evaluation step of this process's run
+    _lock = threading.Lock()
+
+    def __init__(self, setup: EvaluationSetup, training_bytes: int | None):
+        self.setup = setup
+        self.training_bytes = training_bytes
+        self.outcome = "running"
+        self.seconds = 0.0
+        self.peak_gib = float("nan")
+        self._chat: Chat | None = None
+        self._thread = threading.Thread(target=self._run, name="persona-early-evaluation")
+
+    @classmethod
+    def start(cls, setup: EvaluationSetup, training_bytes: int | None = None) -> "EarlyEvaluation":
+        """Start it for `setup`, next to a training whose pre-flight estimate is `training_bytes`."""
+        early = cls(setup, training_bytes)
+        with cls._lock:
+            old = cls._waiting.pop(setup, None)
+            cls._waiting[setup] = early
+        if old is not None:
+            old.discard()
+        early._thread.start()
+        return early
+
+    @classmethod
+    def take(cls, setup: EvaluationSetup) -> "EarlyEvaluation | None":
+        """The early evaluation started in this process for the same setup, if any; it is yours from now on."""
+        with cls._lock:
+            return cls._waiting.pop(setup, None)
+
+    def _fits(self) -> str | None:
+        """Why it must not load now, or None when training and decoding fit together."""
+        from persona import preflight
+
+        if self.setup.device == "cpu":
+            return None
+        decoding = self.setup.decoding_bytes()
+        if decoding is None or self.training_bytes is None:
+            return "no memory estimate for this model"
+        free, total, name = preflight.free_cuda_memory(0)
+        need = (self.training_bytes + decoding) * preflight.SAFETY_MARGIN
+        if need > free:
+            return (f"training and decoding together need ~{need / preflight.GIB:.1f} GiB, {name} has "
+                    f"{free / preflight.GIB:.1f} GiB free")
+        return None
+
+    def _run(self) -> None:
+        import time
+
+        started = time.time()
+        try:
+            reason = self._fits()
+            if reason:
+                self.outcome = f"not started: {reason}"
+                return
+            chat = self.setup.load()
+            results = self.setup.compare(chat)
+            self._chat = chat
+            self.outcome = (f"loaded the base model and decoded the base and prompt-only answers "
+                            f"({len(results['base'].answers)} each)")
+        except Exception as exc:  # e.g. out of memory: the evaluation loads the model itself
+            self._chat = None
+            self.outcome = f"failed ({type(exc).__name__}: {str(exc)[:300]})"
+            _release_gpu_memory(self.setup.device)
+        finally:
+            self.seconds = time.time() - started
+            if self.setup.device != "cpu":
+                import torch
+
+                if torch.cuda.is_initialized():
+                    self.peak_gib = torch.cuda.max_memory_reserved() / 2**30
+
+    def chat(self) -> Chat | None:
+        """Wait for it; the loaded base model (its baseline answers remembered), or None (see `outcome`)."""
+        self._thread.join()
+        chat, self._chat = self._chat, None
+        return chat
+
+    def discard(self) -> None:
+        """Wait for it and free what it loaded (e.g. when the training failed)."""
+        if self.chat() is not None:
+            _release_gpu_memory(self.setup.device)
+
+
+def _release_gpu_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device != "cpu":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def metrics(results: dict[str, Scores], markers: Iterable[str] = ()) -> dict[str, float]:

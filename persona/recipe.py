@@ -172,3 +172,22 @@ def detect_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def detect_device_early(driver_dir: str = "/proc/driver/nvidia/gpus", device_file: str = "/dev/nvidia0") -> str:
+    """`detect_device()` without importing torch (5 s on a GPU machine), for deciding early whether to start work
+    that only pays on a GPU: torch's answer once torch is imported; before, whether the NVIDIA driver shows a GPU
+    that CUDA_VISIBLE_DEVICES does not hide. It can be wrong where torch has no CUDA build; what it starts must not
+    depend on it being right."""
+    import sys
+    from pathlib import Path
+
+    if "torch" in sys.modules:
+        return detect_device()
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return "cpu"
+    try:
+        listed = any(Path(driver_dir).iterdir())
+    except OSError:
+        listed = False
+    return "cuda" if listed or Path(device_file).exists() else "cpu"

@@ -225,8 +225,12 @@ def train_lora(
     on_progress: Callable[[dict], None] | None = None,
     on_output: Callable[[str], None] | None = None,
     standby_idle_seconds: float | None = None,
+    meanwhile: Callable[[int | None], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; `adapter_dir` appears only if training succeeds.
+
+    `meanwhile(estimate)` is called once, just before the training starts, with its pre-flight estimate in bytes
+    (None on a CPU): a hook to start work of this process's own that runs while the child trains.
 
     With `standby_idle_seconds`, a single-process training is handed to a standby trainer (persona.standby: torch
     and ms-swift imported ahead of time), started now if none is waiting, and a new standby is started for the next
@@ -253,6 +257,8 @@ def train_lora(
         job_file = Path(work, "job.json")
         job_file.write_text(json.dumps(job))
         tail: list[str] = []
+        if meanwhile is not None:
+            meanwhile((job.get("preflight") or {}).get("total_bytes"))
         conn = standby.claim(job_file) if standby is not None else None
         if conn is not None:
             child = StandbyJob(conn)

@@ -27,7 +27,8 @@ def run_config(model_dir: Path) -> dict:
         "base_model": {"config": {"model": str(model_dir)}},
         "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 3,
                                     "logging_steps": 1}},
-        "evaluation_report": {"config": {"max_new_tokens": 12}},
+        # "on": the base model loads and answers in this process while the adapter trains, also on a CPU.
+        "evaluation_report": {"config": {"max_new_tokens": 12, "while_training": "on"}},
     }}
 
 
@@ -59,6 +60,8 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, ca
     decision = result.output_for_node("champion")
     assert decision["candidate_run_id"] == adapter.mlflow_run_id and decision["reasons"]
     assert mats["evaluation_report"]["mlflow_run"].value.endswith(adapter.mlflow_run_id)
+    assert mats["evaluation_report"]["while_training"].value.startswith(
+        "loaded the base model and decoded the base and prompt-only answers")
 
     (run,) = mlflow_runs(resources)
     assert run.info.status == "FINISHED"

@@ -56,9 +56,11 @@ def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_o
     waiting = Standby("cpu", child_env("cpu"), idle_seconds=4)
     assert waiting.warm() is True
     assert waiting.warm() is False  # one standby per key: the second call finds it
-    lines = []
-    warm = train_lora(base, data, recipe, tmp_path / "warm", "cpu", on_output=lines.append, standby_idle_seconds=4)
+    lines, meanwhile = [], []
+    warm = train_lora(base, data, recipe, tmp_path / "warm", "cpu", on_output=lines.append, standby_idle_seconds=4,
+                      meanwhile=lambda estimate: meanwhile.append((estimate, len(lines))))
     assert warm.standby and any("standby trainer" in line for line in lines)
+    assert meanwhile == [(None, 0)]  # once, before the training said anything; no GPU estimate on a CPU
     assert any("ms-swift finished" in line for line in lines)  # the child's own output came down the socket
     assert (tmp_path / "warm" / "adapter_model.safetensors").exists()
     losses = lambda r: [h["loss"] for h in r.log_history if "loss" in h]  # noqa: E731
