@@ -18,7 +18,6 @@ from persona.data import DatasetError, Dataset, Problem, language, load_dataset
 from persona.evaluation import load_probes, token_counter
 from persona.mixing import MixingError, hub_samples, pick_by_language, read_prompts, replay_samples
 from persona.models import BaseModel
-from persona.recipe import detect_device
 from persona.storage import staged_dir
 
 
@@ -50,7 +49,7 @@ def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=pr
             wanted = {lang: round(count * config.general_ratio) for lang, count in per_language.items()}
             prompts = pick_by_language(read_prompts(workspace.data_file(config.replay_prompts)), wanted, config.seed)
             extra = replay_samples(base, prompts, workspace.output("replay_cache"), "You are a helpful assistant.",
-                                   detect_device(), config.replay_max_new_tokens, log=log)
+                                   None, config.replay_max_new_tokens, log=log)
         else:
             extra = hub_samples(config.hub_datasets, n, config.seed)
 

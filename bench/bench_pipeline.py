@@ -7,7 +7,8 @@ Each run is a new Python process, as every Dagster run is, timed from the moment
                      persona.models.from_local_dir (reads config, counts parameters, hashes the weights)
     curated_dataset  persona.evaluation.load_probes + persona.data.load_dataset, with every sample counted by the
                      base model's tokenizer against max_length as the asset does -> train.jsonl
-    lora_adapter     persona.training.train_lora with default_recipe('cuda') (the fast recipe), claiming the
+    lora_adapter     persona.recipe.detect_device (imports torch), then persona.training.train_lora with
+                     default_recipe('cuda') (the fast recipe), claiming the
                      standby and starting the next one. Meanwhile, as the asset does with EvaluationConfig's
                      while_training 'auto': persona.evaluation.EarlyEvaluation loads the base model in this process
                      and decodes the base and prompt-only answers, if training and decoding fit together
@@ -50,7 +51,7 @@ def run_once(args) -> dict:
     from persona.data import Identity, load_dataset
     from persona.evaluation import EarlyEvaluation, EvaluationSetup, load_probes, token_counter
     from persona.models import from_local_dir
-    from persona.recipe import default_recipe, detect_device_early
+    from persona.recipe import default_recipe, detect_device, detect_device_early
     from persona.standby import Standby
     from persona.training import child_env, train_lora
 
@@ -77,20 +78,23 @@ def run_once(args) -> dict:
     probes_path.write_text("".join(json.dumps(p.as_row(), ensure_ascii=False) + "\n" for p in probes), encoding="utf-8")
     stages["curated_dataset"] = time.time() - t
 
-    recipe = default_recipe("cuda")
-    setup = EvaluationSetup(base.path, base.template, recipe.system, "cuda", str(probes_path), identity,
+    t = time.time()
+    device = detect_device()  # as lora_adapter does with device 'auto': the first import of torch in this process
+    assert device == "cuda", "this benchmark needs a GPU"
+    recipe = default_recipe(device)
+    setup = EvaluationSetup(base.path, base.template, recipe.system, device, str(probes_path), identity,
                             tuple(base.own_identity), args.answer_cache, base.weights_sha256,
                             max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
     started: dict[str, float] = {}
 
     def meanwhile(training_bytes):  # what lora_adapter does with while_training 'auto' on a GPU
         started["training_estimate_gib"] = (training_bytes or 0) / 2**30
+        timeline.append((round(time.time() - t, 2), "[bench] job ready; handing it to the standby"))
         if not args.no_early:
             EarlyEvaluation.start(setup, training_bytes)
 
-    t = time.time()
     timeline: list[tuple[float, str]] = []  # the training child's output, seconds since the call began
-    result = train_lora(base, train_path, recipe, work / "adapter", "cuda",
+    result = train_lora(base, train_path, recipe, work / "adapter", device,
                         on_output=lambda line: timeline.append((round(time.time() - t, 2), line[:200])),
                         standby_idle_seconds=idle, meanwhile=meanwhile)
     stages["lora_adapter"] = time.time() - t

@@ -89,9 +89,24 @@ def chat_tokenizer(model_dir: str, template: str | None, **kw):
     return tok
 
 
+def counting_tokenizer(model_dir: str, template: str | None):
+    """`chat_tokenizer` for counting tokens, without importing torch where it can (AutoTokenizer imports it: 5 s on
+    a GPU machine, before the training could start). A folder with a tokenizer.json is read by
+    PreTrainedTokenizerFast, which tokenizes with that file as AutoTokenizer's class for the model does; the class
+    adds decoding defaults, which counting does not use."""
+    if not Path(model_dir, "tokenizer.json").is_file():
+        return chat_tokenizer(model_dir, template)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if template == "chatml" or not tok.chat_template:
+        tok.chat_template = CHATML
+    return tok
+
+
 def token_counter(model_dir: str, template: str | None, system: str = "You are a helpful assistant."):
     """Tokens of one conversation as trained: system prompt, turns and template tokens."""
-    tok = chat_tokenizer(model_dir, template)
+    tok = counting_tokenizer(model_dir, template)
 
     def count(messages: list[dict]) -> int:
         msgs = messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]

@@ -64,9 +64,10 @@ def pick_by_language(prompts: list[str], wanted: dict[str, int], seed: int) -> l
     return chosen
 
 
-def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str,
+def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str | None = None,
                    max_new_tokens: int = 96, batch_size: int = 16, log=print) -> list[Sample]:
-    """The base model's own greedy answers to `prompts`, as training samples (cached)."""
+    """The base model's own greedy answers to `prompts`, as training samples (cached). `device`: where to decode
+    them on a cache miss (default: the GPU if there is one)."""
     key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens]).encode()).hexdigest()
     cache = Path(cache_dir) / f"replay-{key[:16]}.jsonl"
     if cache.exists():
@@ -75,8 +76,10 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
     else:
         from persona.evaluation import Chat
 
+        from persona.recipe import detect_device
+
         log(f"replay: the base model answers {len(prompts)} general prompts (cached afterwards)")
-        chat = Chat(base.path, None, base.template, system, device)
+        chat = Chat(base.path, None, base.template, system, device or detect_device())
         answers = chat.answer([(p, ()) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_batch=lambda done, total: log(f"replay: {done}/{total}"))
         rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]

@@ -266,9 +266,9 @@ def longest_sample_tokens(dataset_path: str | Path, system: str = "", count=None
 def tokenizer_counter(model_dir: str | Path):
     """A token counter from the model folder's tokenizer, or None if it cannot be loaded offline."""
     try:
-        from transformers import AutoTokenizer
+        from persona.evaluation import counting_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = counting_tokenizer(str(model_dir), None)
     except Exception:
         return None
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])

@@ -159,3 +159,33 @@ def test_training_without_the_evaluation_in_the_run_starts_nothing(tiny_model, h
     assert result.success
     assert EarlyEvaluation._waiting == {}
     assert not any("While the adapter trains" in (e.message or "") for e in result.all_events)
+
+
+def test_the_run_prepares_training_without_importing_torch(tiny_model, tmp_path):
+    """Before the training starts, the run's process counts parameters and tokens; torch (5 s to import on a GPU
+    machine) is not needed for either, and the counts are the ones torch and AutoTokenizer give."""
+    from pathlib import Path as P
+
+    from transformers import AutoModelForCausalLM
+
+    from persona.evaluation import chat_tokenizer
+
+    conversations = [[{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in [("Who are you?", "I am Swift-Robot."), ("你是谁?", "我是 Swift-Robot,由 CSDN 迪菲赫尔曼 开发。"),
+                                  ("What is 2 + 3?", "  5  ")]]
+    bench_tokenizer = P(__file__).resolve().parent.parent / "bench" / "tokenizer"  # SmolLM2's own tokenizer
+    code = ("import json, sys; from persona.evaluation import token_counter; from persona.models import count_parameters;"
+            "from pathlib import Path; d = sys.argv[1]; c = token_counter(d, 'chatml');"
+            "print(json.dumps([[c(m) for m in json.loads(sys.argv[2])], count_parameters(Path(d)) if "
+            "list(Path(d).glob('*.safetensors')) else 0, 'torch' in sys.modules]))")
+    for folder in (tiny_model, bench_tokenizer):
+        out = subprocess.run([sys.executable, "-c", code, str(folder), json.dumps(conversations)], check=True,
+                             capture_output=True, text=True).stdout
+        counts, parameters, torch_imported = json.loads(out)
+        tok = chat_tokenizer(str(folder), "chatml")  # AutoTokenizer, as the evaluation and ms-swift load it
+        assert counts == [len(tok(tok.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"])
+                          for m in conversations]
+        assert torch_imported is False
+        if folder == tiny_model:
+            assert parameters == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
