@@ -95,13 +95,15 @@ def lora_adapter(
                 result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
                                     standby_idle_seconds=trainer_standby.idle_for(device), meanwhile=meanwhile)
         except BaseException as exc:
-            for e in early:  # no evaluation follows: free what it loaded
+            for e in early:  # no evaluation follows: free what it loaded, without waiting for it
                 if EarlyEvaluation.take(e.setup) is e:
                     e.discard()
             if isinstance(exc, TrainingError):
                 mlflow.set_tag("persona.error", str(exc)[:5000])
                 raise Failure(description=str(exc)) from None
             raise
+        for e in early:  # its answers are remembered before this step ends (it may be a process of its own)
+            context.log.info(f"Evaluation while training: {e.wait()} ({e.seconds:.1f} s).")
 
         for h in result.log_history:
             for key, name in STEP_METRICS.items():

@@ -467,7 +467,10 @@ class EarlyEvaluation:
         self.seconds = 0.0
         self.peak_gib = float("nan")
         self._chat: Chat | None = None
-        self._thread = threading.Thread(target=self._run, name="persona-early-evaluation")
+        self._discarded = False
+        self._handover = threading.Lock()
+        # A daemon: a run that is stopped does not wait for it. Callers wait() for it before their step ends.
+        self._thread = threading.Thread(target=self._run, name="persona-early-evaluation", daemon=True)
 
     @classmethod
     def start(cls, setup: EvaluationSetup, training_bytes: int | None = None) -> "EarlyEvaluation":
@@ -514,11 +517,15 @@ class EarlyEvaluation:
                 return
             chat = self.setup.load()
             results = self.setup.compare(chat)
-            self._chat = chat
             self.outcome = (f"loaded the base model and decoded the base and prompt-only answers "
                             f"({len(results['base'].answers)} each)")
+            with self._handover:
+                if not self._discarded:
+                    self._chat = chat
+            del chat
+            if self._chat is None:
+                _release_gpu_memory(self.setup.device)
         except Exception as exc:  # e.g. out of memory: the evaluation loads the model itself
-            self._chat = None
             self.outcome = f"failed ({type(exc).__name__}: {str(exc)[:300]})"
             _release_gpu_memory(self.setup.device)
         finally:
@@ -529,15 +536,25 @@ class EarlyEvaluation:
                 if torch.cuda.is_initialized():
                     self.peak_gib = torch.cuda.max_memory_reserved() / 2**30
 
+    def wait(self) -> str:
+        """Wait until it is done (its answers are then remembered); what happened."""
+        self._thread.join()
+        return self.outcome
+
     def chat(self) -> Chat | None:
         """Wait for it; the loaded base model (its baseline answers remembered), or None (see `outcome`)."""
-        self._thread.join()
-        chat, self._chat = self._chat, None
+        self.wait()
+        with self._handover:
+            chat, self._chat = self._chat, None
         return chat
 
     def discard(self) -> None:
-        """Wait for it and free what it loaded (e.g. when the training failed)."""
-        if self.chat() is not None:
+        """Free what it loaded, now or as soon as it is done (e.g. when the training failed); never waits."""
+        with self._handover:
+            self._discarded = True
+            chat, self._chat = self._chat, None
+        if chat is not None:
+            del chat
             _release_gpu_memory(self.setup.device)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from dagster import materialize
+from dagster import DagsterInstance, materialize
 
 from assets.base_model import base_model
 from assets.champion import champion
@@ -39,7 +39,8 @@ def mlflow_runs(resources) -> list:
 
 
 def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, capsys):
-    result = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
+    instance = DagsterInstance.ephemeral()
+    result = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model), instance=instance)
     assert result.success
 
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -62,6 +63,8 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, ca
     assert mats["evaluation_report"]["mlflow_run"].value.endswith(adapter.mlflow_run_id)
     assert mats["evaluation_report"]["while_training"].value.startswith(
         "loaded the base model and decoded the base and prompt-only answers")
+    assert any(e.step_key == "lora_adapter" and e.user_message.startswith("Evaluation while training: loaded")
+               for e in instance.all_logs(result.run_id))  # done before lora_adapter ended
 
     (run,) = mlflow_runs(resources)
     assert run.info.status == "FINISHED"
