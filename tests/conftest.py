@@ -64,6 +64,24 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-smollm"))
 
 
+@pytest.fixture(scope="session")
+def random_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter for the tiny model with random weights: its answers differ from the base model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter changes the answers
+            torch.nn.init.normal_(param, std=0.5)
+    out = tmp_path_factory.mktemp("random-adapter")
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A project home with data/, outputs/ and mlruns/ in a temporary folder."""

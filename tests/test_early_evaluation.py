@@ -15,21 +15,6 @@ PROBES = [{"kind": "general", "question": "What is 2 + 3?", "expect_any": ["5"]}
           {"kind": "stability", "question": "你是谁?", "expect_any": ["Swift"]}]
 
 
-def random_adapter(model_dir: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter changes the answers
-            torch.nn.init.normal_(param, std=0.5)
-    model.save_pretrained(out)
-    return out
-
-
 def make_setup(model_dir: Path, tmp_path: Path, device: str = "cpu", cache: str = "answers") -> EvaluationSetup:
     probes = tmp_path / "probes.jsonl"
     probes.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROBES), encoding="utf-8")
@@ -38,8 +23,8 @@ def make_setup(model_dir: Path, tmp_path: Path, device: str = "cpu", cache: str 
                            stability_samples=2)
 
 
-def test_the_early_model_with_the_adapter_put_on_answers_as_a_fresh_load(tiny_model, tmp_path):
-    adapter = random_adapter(tiny_model, tmp_path / "adapter")
+def test_the_early_model_with_the_adapter_put_on_answers_as_a_fresh_load(tiny_model, random_adapter, tmp_path):
+    adapter = random_adapter
     setup = make_setup(tiny_model, tmp_path)
 
     started = EarlyEvaluation.start(setup, training_bytes=None)

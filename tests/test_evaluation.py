@@ -107,23 +107,11 @@ def test_a_number_counts_only_as_a_whole_number():
     assert passes("2 + 3 = 5.", ["5"]) and passes("It has SEVEN", ["seven"])
 
 
-def test_contenders_decoded_together_answer_as_when_decoded_in_turn(tiny_model, tmp_path):
+def test_contenders_decoded_together_answer_as_when_decoded_in_turn(tiny_model, random_adapter):
     """The GPU path shares batches between base, prompt-only and adapter rows (PEFT mixed-adapter batches)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from persona.evaluation import compare
 
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter changes the answers
-            torch.nn.init.normal_(param, std=0.5)
-    peft_model.save_pretrained(tmp_path / "adapter")
-
-    chat = Chat(str(tiny_model), str(tmp_path / "adapter"), "chatml")
+    chat = Chat(str(tiny_model), str(random_adapter), "chatml")
     probes = [Probe("general", "What is 2 + 3?", ("5",)), Probe("identity_en", "Who are you?", ("Swift",)),
               Probe("general", "中国的首都是哪里?", ("北京",))]
     kw = dict(max_new_tokens=8, batch_size=4)  # 9 rows: batches mix contenders
