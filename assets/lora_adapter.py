@@ -80,14 +80,19 @@ def lora_adapter(
 
         def meanwhile(training_bytes: int | None) -> None:
             evaluation = EvaluationConfig(**op_config(context.run_config, "evaluation_report"))
-            if (evaluation.starts_while_training(device)
+            if not (evaluation.starts_while_training(device)
                     and AssetKey("evaluation_report") in context.job_def.asset_layer.selected_asset_keys):
+                return
+            try:
                 setup = evaluation.setup(base_model, curated_dataset.probes_path, Identity(**identity), recipe.system,
                                          device, workspace.output("answer_cache"))
                 early.append(EarlyEvaluation.start(setup, training_bytes))
-                context.log.info("While the adapter trains, this process loads the base model and answers the "
-                                 "probes without the adapter (evaluation_report's first half; while_training: "
-                                 f"{evaluation.while_training}).")
+            except Exception as exc:  # it can make the run faster, never fail it
+                context.log.warning(f"No evaluation while training: {type(exc).__name__}: {exc}")
+                return
+            context.log.info("While the adapter trains, this process loads the base model and answers the probes "
+                             f"without the adapter (evaluation_report's first half; while_training: "
+                             f"{evaluation.while_training}).")
 
         target = workspace.output("adapters", run_id)
         try:
