@@ -242,17 +242,24 @@ class Chat:
 
     def answer_rows(self, rows: list[tuple[str, tuple, str | None, bool]], max_new_tokens: int = 64,
                     batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
-                    on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+                    on_batch: Callable[[int, int], None] | None = None,
+                    temperatures: list[float] | None = None) -> list[str]:
         """Answers to (question, history, system, use_adapter) rows. Rows with and without the adapter may share a
-        batch: PEFT's mixed-adapter batches route each row through its own adapter ('__base__': none)."""
+        batch: PEFT's mixed-adapter batches route each row through its own adapter ('__base__': none).
+
+        `temperatures`, one per row, replaces `temperature`: greedy rows (0) and sampled rows may then share a batch,
+        as one `generate` call instead of two (see row_temperature)."""
         import torch
 
-        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-        if temperature > 0:
+        temps = list(temperatures) if temperatures is not None else [temperature] * len(rows)
+        if len(temps) != len(rows):
+            raise ValueError(f"{len(temps)} temperatures for {len(rows)} rows")
+        if any(t > 0 for t in temps):
             torch.manual_seed(seed)
         out: list[str] = []
         for start in progress(range(0, len(rows), batch_size), desc="answering", unit="batch", leave=False):
             chunk = rows[start:start + batch_size]
+            sampling = _sampling(temps[start:start + batch_size], self.device)
             texts = [self.prompt(q, h, system) for q, h, system, _ in chunk]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             flags = {use for *_, use in chunk}
@@ -287,6 +294,38 @@ class Chat:
         worker.join()
 
 
+def _sampling(temps: list[float], device: str) -> dict:
+    """generate()'s arguments for a batch whose rows decode at these temperatures (0: greedy)."""
+    if not any(t > 0 for t in temps):
+        return dict(do_sample=False)
+    if len(set(temps)) == 1:
+        return dict(do_sample=True, temperature=temps[0], top_p=1.0)
+    from transformers import LogitsProcessorList
+
+    return dict(do_sample=True, temperature=1.0, top_p=1.0,
+                logits_processor=LogitsProcessorList([row_temperature(temps, device)]))
+
+
+def row_temperature(temps: list[float], device: str):
+    """A logits processor with a temperature per row: a row at 0 keeps only its most likely token, so sampling
+    picks what greedy decoding would; the others are divided by their temperature. Top-k, which generate() also
+    applies, selects by rank, which dividing does not change: a sampled row draws from the same distribution as
+    with generate(temperature=t)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    t = torch.tensor(temps, dtype=torch.float32, device=device)
+    greedy = t == 0
+
+    class _RowTemperature(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = scores / torch.where(greedy, torch.ones_like(t), t).to(scores.dtype)[:, None]
+            best = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(-1, keepdim=True), True)
+            return out.masked_fill(greedy[:, None] & ~best, float("-inf"))
+
+    return _RowTemperature()
+
+
 def _asked(probes: list[Probe], stability_samples: int) -> tuple[list[Probe], list[Probe]]:
     """(greedy probes, sampled probes): every probe once, but `stability` probes sampled N times instead."""
     return ([p for p in probes if p.kind != "stability"],
@@ -296,16 +335,20 @@ def _asked(probes: list[Probe], stability_samples: int) -> tuple[list[Probe], li
 def _answer_contenders(chat: Chat, probes: list[Probe], contenders: dict[str, tuple[str | None, bool]],
                        stability_samples: int, **kw) -> tuple[list[Probe], dict[str, list[str]]]:
     """Every contender's (system prompt, adapter on/off) answers to `probes`, the contenders' rows decoded in shared
-    batches: greedy for every probe, `stability` probes sampled N times at temperature 0.7 instead."""
+    batches: greedy for every probe, `stability` probes sampled N times at temperature 0.7 instead. Greedy and
+    sampled rows share batches too (one generate call where there were two)."""
     fixed, sampled = _asked(probes, stability_samples)
     answers: dict[str, list[str]] = {name: [] for name in contenders}
-    for group, extra in ((fixed, {}), (sampled, {"temperature": STABILITY_TEMPERATURE})):
-        if not group or not contenders:
-            continue
-        rows = [(p.question, p.history, system, use) for system, use in contenders.values() for p in group]
-        texts = chat.answer_rows(rows, **extra, **kw)
-        for i, name in enumerate(contenders):
-            answers[name] += texts[i * len(group):(i + 1) * len(group)]
+    if not contenders or not fixed + sampled:
+        return fixed + sampled, answers
+    groups = [(fixed, 0.0), (sampled, STABILITY_TEMPERATURE)]
+    rows = [(p.question, p.history, system, use) for group, _ in groups for system, use in contenders.values()
+            for p in group]
+    temps = [t for group, t in groups for _ in contenders for _ in group]
+    texts = iter(chat.answer_rows(rows, temperatures=temps, **kw))
+    for group, _ in groups:
+        for name in contenders:
+            answers[name] += [next(texts) for _ in group]
     return fixed + sampled, answers
 
 
@@ -330,7 +373,7 @@ class BaselineAnswers:
     named by a hash of all of it, so any change is a miss, never a stale answer.
     """
 
-    VERSION = 1  # bump when the way answers are produced changes
+    VERSION = 2  # bump when the way answers are produced changes (2: greedy and sampled rows share batches)
 
     def __init__(self, directory: str | Path, base_digest: str):
         self.directory = Path(directory)

@@ -1,4 +1,5 @@
 """Scoring and prompts of the evaluation stage."""
+import pytest
 import json
 
 from persona.evaluation import (CHATML, Chat, Probe, as_json, comparison_table, evaluate, load_probes, metrics, passes,
@@ -61,14 +62,14 @@ def test_stability_probes_are_sampled_and_scored_as_consistency():
         def __init__(self):
             self.calls = []
 
-        def answer_rows(self, rows, temperature=0.0, **kw):
-            self.calls.append((len(rows), temperature))
+        def answer_rows(self, rows, temperatures, **kw):
+            self.calls.append(list(temperatures))
             return ["made by X" if i % 2 == 0 else "no idea" for i in range(len(rows))]
 
     chat = FakeChat()
     probes = [Probe("general", "2+2?", ("made",)), Probe("stability", "Who?", ("X",))]
     s = evaluate(chat, probes, stability_samples=4)
-    assert chat.calls == [(1, 0.0), (4, 0.7)]
+    assert chat.calls == [[0.0, 0.7, 0.7, 0.7, 0.7]]  # one greedy row, four samples, one call
     assert s.by_kind == {"general": 1.0, "stability": 0.5}
 
 
@@ -149,4 +150,28 @@ def test_baseline_answers_are_remembered_for_the_same_base_probes_and_settings(t
     compare(chat, probes[:2], (), "You are Swift-Robot.", remembered=memory, **kw)
     compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **{**kw, "max_new_tokens": 5})
     compare(chat, probes, (), "You are Swift-Robot.", remembered=BaselineAnswers(tmp_path / "answers", "other"), **kw)
-    assert len(decoded) == 3 * 2 - 1  # (greedy + sampled) batches each time; probes[:2] has no stability probe
+    assert len(decoded) == 3  # one call each time: greedy and sampled rows share it
+
+
+def test_greedy_and_sampled_rows_share_a_batch_without_changing_either(tiny_model):
+    """One generate call for both: greedy rows answer as greedy decoding does, sampled rows as generate(temperature)."""
+    import torch
+
+    from persona.evaluation import row_temperature
+
+    scores = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    out = row_temperature([0.0, 0.5], "cpu")(None, scores)
+    assert out[0].tolist() == [float("-inf"), 3.0, float("-inf")] and out[1].tolist() == [2.0, 6.0, 4.0]
+
+    chat = Chat(str(tiny_model), None, "chatml")
+    rows = [(q, (), None, False) for q in ("What is 2 + 3?", "Who are you?", "你是谁?", "Tell me a joke.")]
+    kw = dict(max_new_tokens=8, batch_size=8, seed=3)
+    greedy = chat.answer_rows(rows, **kw)
+    sampled = chat.answer_rows(rows, temperature=0.7, **kw)
+    assert chat.answer_rows(rows, temperatures=[0.7] * 4, **kw) == sampled  # the same path as before
+    mixed = chat.answer_rows(rows + rows, temperatures=[0.0] * 4 + [0.7] * 4, **kw)
+    assert mixed[:4] == greedy
+    assert mixed[4:] == chat.answer_rows(rows + rows, temperatures=[0.0] * 4 + [0.7] * 4, **kw)[4:]  # seeded
+    assert mixed[4:] != greedy  # sampled (the tiny model's distribution is flat)
+    with pytest.raises(ValueError, match="3 temperatures for 4 rows"):
+        chat.answer_rows(rows, temperatures=[0.0] * 3)
