@@ -95,6 +95,10 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         check_model=False,              # no hub lookups: works offline
         dataloader_num_workers=recipe.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
+        # ms-swift's default, 1, makes datasets 4 start a pool of one process for each map and pickle the template
+        # and the rows to it (1-3 s before the first step, measured with py-spy); None maps in this process, as
+        # ms-swift itself does when streaming. Same rows, same order.
+        dataset_num_proc=None,
     )
     if recipe.dataloader_num_workers > 0:
         kw["dataloader_persistent_workers"] = True  # no worker start-up at every epoch

@@ -62,6 +62,8 @@ def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_o
     assert warm.standby and any("standby trainer" in line for line in lines)
     assert meanwhile == [(None, 0)]  # once, before the training said anything; no GPU estimate on a CPU
     assert any("ms-swift finished" in line for line in lines)  # the child's own output came down the socket
+    maps = [line for line in lines if line.startswith("Map")]
+    assert maps and not any("num_proc" in line for line in maps)  # datasets maps in the child, no pool started
     assert (tmp_path / "warm" / "adapter_model.safetensors").exists()
     losses = lambda r: [h["loss"] for h in r.log_history if "loss" in h]  # noqa: E731
     assert losses(warm) == pytest.approx(losses(cold), rel=1e-5) and len(losses(warm)) == cold.global_step
