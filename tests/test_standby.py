@@ -43,15 +43,19 @@ def wait_until(condition, seconds: float) -> bool:
 
 
 def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_out(tiny_model, tmp_path,
-                                                                                    standby_dir):
+                                                                                    standby_dir, monkeypatch):
     from persona.models import from_local_dir
     from persona.recipe import CPU_DEFAULT
 
     base = from_local_dir(str(tiny_model))
     data = identity_data(tmp_path / "train.jsonl")
     recipe = CPU_DEFAULT.with_overrides(num_train_epochs=2, logging_steps=1)
-    cold = train_lora(base, data, recipe, tmp_path / "cold", "cpu")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the child's progress bars show how datasets mapped
+    cold_lines = []
+    cold = train_lora(base, data, recipe, tmp_path / "cold", "cpu", on_output=cold_lines.append)
     assert not cold.standby
+    maps = [line for line in cold_lines if line.startswith("Map")]
+    assert maps and not any("num_proc" in line for line in maps)  # datasets maps in the child: no pool started
 
     waiting = Standby("cpu", child_env("cpu"), idle_seconds=4)
     assert waiting.warm() is True
@@ -62,8 +66,6 @@ def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_o
     assert warm.standby and any("standby trainer" in line for line in lines)
     assert meanwhile == [(None, 0)]  # once, before the training said anything; no GPU estimate on a CPU
     assert any("ms-swift finished" in line for line in lines)  # the child's own output came down the socket
-    maps = [line for line in lines if line.startswith("Map")]
-    assert maps and not any("num_proc" in line for line in maps)  # datasets maps in the child, no pool started
     assert (tmp_path / "warm" / "adapter_model.safetensors").exists()
     losses = lambda r: [h["loss"] for h in r.log_history if "loss" in h]  # noqa: E731
     assert losses(warm) == pytest.approx(losses(cold), rel=1e-5) and len(losses(warm)) == cold.global_step
