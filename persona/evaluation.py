@@ -478,7 +478,7 @@ class EvaluationSetup:
             shape = preflight.ModelShape.from_dir(self.model_dir)
         except (OSError, KeyError, ValueError):
             return None
-        tok = chat_tokenizer(self.model_dir, self.template)
+        tok = counting_tokenizer(self.model_dir, self.template)
         longest = 0
         for p in self.probes():
             for system in (self.system, self.identity_prompt()):
