@@ -502,6 +502,9 @@ class EarlyEvaluation:
 
     _waiting: dict[EvaluationSetup, "EarlyEvaluation"] = {}  # for the evaluation step of this process's run
     _lock = threading.Lock()
+    # One at a time: transformers' from_pretrained is not safe in two threads at once (its meta-device context is
+    # process-wide), e.g. when a second start replaces one that is still loading.
+    _loading = threading.Lock()
 
     def __init__(self, setup: EvaluationSetup, training_bytes: int | None):
         self.setup = setup
@@ -558,8 +561,9 @@ class EarlyEvaluation:
             if reason:
                 self.outcome = f"not started: {reason}"
                 return
-            chat = self.setup.load()
-            results = self.setup.compare(chat)
+            with EarlyEvaluation._loading:
+                chat = self.setup.load()
+                results = self.setup.compare(chat)
             self.outcome = (f"loaded the base model and decoded the base and prompt-only answers "
                             f"({len(results['base'].answers)} each)")
             with self._handover:
