@@ -10,6 +10,7 @@ GPU); the per-device batch is divided so that the samples per optimizer step sta
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +43,58 @@ class TrainingError(RuntimeError):
 
 class PreflightFailed(TrainingError, PreflightError):
     """The pre-flight check refused the run before loading: it would not fit in GPU memory."""
+
+
+class MissingKernelWarning(UserWarning):
+    """A recipe knob asked for an optional package that is not installed; the knob went back to its default."""
+
+
+# Recipe knobs that need a package beyond the declared dependencies: knob -> {value: (module, what to install)}.
+# The module is looked up with importlib.util.find_spec, never imported (liger_kernel imports triton: seconds).
+# Where it is missing, the knob falls back to the Recipe field's default, with one warning: a slower or bigger run
+# of the same optimization, never a training child that dies on ms-swift's assertion. Knobs listed in
+# NEEDS_KNOB fall back with the knob they need. tests/test_optional_kernels.py checks that every knob a shipped
+# recipe sets is either here or needs nothing beyond the declared dependencies.
+OPTIONAL_PACKAGES: dict[str, dict[object, tuple[str, str]]] = {
+    "use_liger_kernel": {True: ("liger_kernel", "liger-kernel (the gpu extra: pip install -e '.[gpu]')")},
+    "attn_impl": {"flash_attn": ("flash_attn", "flash-attn"), "flash_attention_2": ("flash_attn", "flash-attn"),
+                  "flash_attention_3": ("flash_attn_interface", "FlashAttention 3 (flash_attn_interface)")},
+}
+NEEDS_KNOB = {"padding_free": "attn_impl"}  # ms-swift refuses padding_free without a flash attention implementation
+
+
+def missing_packages(recipe: Recipe, find_spec: Callable | None = None) -> dict[str, tuple]:
+    """{knob: (value, module, what to install)} for each knob of `recipe` whose optional package is not installed."""
+    find_spec = find_spec or importlib.util.find_spec
+    missing = {}
+    for knob, needs in OPTIONAL_PACKAGES.items():
+        value = getattr(recipe, knob)
+        if value in needs and find_spec(needs[value][0]) is None:
+            missing[knob] = (value, *needs[value])
+    return missing
+
+
+def available_recipe(recipe: Recipe, warn: Callable[[str], None] | None = None,
+                     find_spec: Callable | None = None) -> Recipe:
+    """`recipe` with each knob whose optional package is missing set back to its default, one warning line each
+    (`warn`, default: warnings.warn with MissingKernelWarning). The recipe itself when everything is installed."""
+    missing = missing_packages(recipe, find_spec)
+    if not missing:
+        return recipe
+    defaults = {f.name: f.default for f in fields(recipe)}
+    off = {knob: defaults[knob] for knob in missing}
+    off.update({knob: defaults[knob] for knob, needed in NEEDS_KNOB.items()
+                if needed in missing and getattr(recipe, knob) != defaults[knob]})
+    for knob, (value, module, install) in missing.items():
+        also = [k for k in off if NEEDS_KNOB.get(k) == knob]
+        message = (f"{knob}={value!r} needs the Python package {module}, which is not installed: training without "
+                   f"it ({', '.join(f'{k}={off[k]!r}' for k in [knob, *also])}; same optimization, slower and more "
+                   f"GPU memory). Install {install} to use it.")
+        if warn is None:
+            warnings.warn(message, MissingKernelWarning, stacklevel=2)
+        else:
+            warn(message)
+    return replace(recipe, **off)
 
 
 @dataclass
@@ -233,6 +287,11 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter; `adapter_dir` appears only if training succeeds.
 
+    A knob whose optional package is not installed (OPTIONAL_PACKAGES, e.g. use_liger_kernel without liger-kernel)
+    is turned off with one warning (`available_recipe`: warnings.warn, and a line to `on_output`); the adapter's
+    persona_recipe.json records the recipe that trained. Call `available_recipe` first to log the warning
+    elsewhere and record the same recipe; then nothing is missing here.
+
     `meanwhile(estimate)` is called once, just before the training starts, with its pre-flight estimate in bytes
     (None on a CPU): a hook to start work of this process's own that runs while the child trains.
 
@@ -244,6 +303,13 @@ def train_lora(
     import time
 
     adapter_dir = Path(adapter_dir)
+
+    def warn(message: str) -> None:
+        warnings.warn(message, MissingKernelWarning, stacklevel=3)
+        if on_output:
+            on_output(f"[persona] warning: {message}")
+
+    recipe = available_recipe(recipe, warn)
     world_size = world_size_from_env(device)
     env = child_env(device, world_size)
     standby = Standby(device, env, standby_idle_seconds) if standby_idle_seconds and world_size == 1 else None
