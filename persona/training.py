@@ -51,7 +51,7 @@ class MissingKernelWarning(UserWarning):
 
 # Recipe knobs that need a package beyond the declared dependencies: knob -> {value: (module, what to install)}.
 # The module is looked up with importlib.util.find_spec, never imported (liger_kernel imports triton: seconds).
-# Where it is missing, the knob falls back to the Recipe field's default, with one warning: a slower or bigger run
+# Where it is missing, the knob falls back to the Recipe field's default, with one warning: a bigger (or slower) run
 # of the same optimization, never a training child that dies on ms-swift's assertion. Knobs listed in
 # NEEDS_KNOB fall back with the knob they need. tests/test_optional_kernels.py checks that every knob a shipped
 # recipe sets is either here or needs nothing beyond the declared dependencies.
@@ -88,8 +88,8 @@ def available_recipe(recipe: Recipe, warn: Callable[[str], None] | None = None,
     for knob, (value, module, install) in missing.items():
         also = [k for k in off if NEEDS_KNOB.get(k) == knob]
         message = (f"{knob}={value!r} needs the Python package {module}, which is not installed: training without "
-                   f"it ({', '.join(f'{k}={off[k]!r}' for k in [knob, *also])}; same optimization, slower and more "
-                   f"GPU memory). Install {install} to use it.")
+                   f"it ({', '.join(f'{k}={off[k]!r}' for k in [knob, *also])}; same optimization, more GPU "
+                   f"memory). Install {install} to use it.")
         if warn is None:
             warnings.warn(message, MissingKernelWarning, stacklevel=2)
         else:
