@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from persona import recipe as recipe_module
 from persona import training
 from persona.models import BaseModel
 from persona.recipe import CPU_DEFAULT, FAST_GPU, GPU_RECIPES, SEED_GPU, Recipe, default_recipe
@@ -37,8 +38,10 @@ OPTIONAL_MODULES = {module for needs in OPTIONAL_PACKAGES.values() for module, _
 
 
 def shipped_recipes() -> dict[str, Recipe]:
-    out = {f"gpu:{name}": recipe for name, recipe in GPU_RECIPES.items()}
-    out.update({f"cpu:{name}": default_recipe("cpu", name) for name in GPU_RECIPES})
+    """Every Recipe persona.recipe defines (FAST_GPU, SEED_GPU, the CPU ones) and what default_recipe returns."""
+    out = {name: value for name, value in vars(recipe_module).items() if isinstance(value, Recipe)}
+    out.update({f"default_recipe(cuda, {name})": recipe for name, recipe in GPU_RECIPES.items()})
+    out.update({f"default_recipe(cpu, {name})": default_recipe("cpu", name) for name in GPU_RECIPES})
     return out
 
 
