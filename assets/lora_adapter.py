@@ -19,8 +19,8 @@ from persona.data import Identity
 from persona.evaluation import EarlyEvaluation
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
-from persona.recipe import default_recipe, detect_device
-from persona.training import TrainingError, train_lora
+from persona.recipe import CPU_DTYPE_ENV, cpu_dtype, default_recipe, detect_device, resolve_dtype
+from persona.training import TrainingError, available_recipe, train_lora
 
 STEP_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 
@@ -61,7 +61,13 @@ def lora_adapter(
     import mlflow
 
     device = detect_device() if config.device == "auto" else config.device
-    recipe = default_recipe(device, config.recipe).with_overrides(**config.overrides())
+    recipe = resolve_dtype(default_recipe(device, config.recipe, base_model.parameters)
+                           .with_overrides(**config.overrides()), device)
+    recipe = available_recipe(recipe, warn=context.log.warning)  # an optional kernel missing: knob off, one warning
+    if device == "cpu":
+        dtype, why = cpu_dtype()
+        context.log.info(f"CPU dtype: {recipe.torch_dtype} (automatic choice {dtype}: {why}; set torch_dtype or "
+                         f"${CPU_DTYPE_ENV} to override)")
     run_name = f"{curated_dataset.version[:8]}-lr{recipe.learning_rate:g}-e{recipe.num_train_epochs}-{device}"
     with mlflow_tracker.run(run_name=run_name) as run:
         run_id = run.info.run_id

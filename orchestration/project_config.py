@@ -86,7 +86,8 @@ def upstream(run_config: dict, data_dir: str | Path) -> dict[str, str]:
             for key, version in asset.code_versions_by_key.items()}
     # The default recipes' values count, not only the config's overrides: editing persona/recipe.py changes them.
     training = {"config": TrainingConfig(**op_config(run_config, "lora_adapter")).model_dump(),
-                "defaults": {device: default_recipe(device).as_params() for device in ("cpu", "cuda")}}
+                "defaults": {device: default_recipe(device).as_params() for device in ("cpu", "cuda")},
+                "small_cpu": default_recipe("cpu", parameters=0).as_params()}
     return {
         "data": dataset_hash(run_config, data_dir)[:16],
         "base_model": _digest(BaseModelConfig(**op_config(run_config, "base_model")).model_dump()),

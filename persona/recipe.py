@@ -1,7 +1,6 @@
-"""LoRA hyperparameters: a fast GPU default, the seed tutorial's values on request, a recipe that really teaches a
-135M model on a CPU.
+"""LoRA hyperparameters: a fast GPU default, the seed tutorial's values on request, CPU recipes chosen by model size.
 
-Recipe selection: `default_recipe(device, name)`. `name` is "fast" (the default) or "seed"; when it is not given,
+Recipe selection: `default_recipe(device, name, parameters)`. `name` is "fast" (the default) or "seed"; when it is not given,
 the environment variable PERSONA_RECIPE decides, so a launcher can pick the seed recipe without code changes.
 """
 from __future__ import annotations
@@ -111,19 +110,26 @@ FAST_GPU = replace(
     cudnn_attention=False,
 )
 
-# Measured on 2 CPU cores with SmolLM2-135M: lr 1e-4 does not move a 135M model within minutes;
-# lr 2e-3 to 3e-3 with 2 samples per step teaches the identity, unseen paraphrases included. Two samples in
-# one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
-# Two epochs at 3e-3 keep identity + replay training inside the 5-minute budget of `make run`.
+# CPU recipes follow the model's size. The rule: LoRA's learning rate falls as the model grows, and a small,
+# weakly pretrained model needs a rate that would wipe out a larger one.
+# - Up to 300M parameters (SmolLM2-135M): lr 3e-3 for 2 epochs. lr 1e-4 does not move a 135M model within minutes;
+#   2e-3 to 3e-3 teaches the identity, unseen paraphrases included (BENCHMARKS.md, CPU section).
+# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 3 epochs. At 3e-3 the
+#   0.5B model's general score fell from 0.75 to 0.00, and 72 % of its general answers stated the identity; at 2e-4
+#   it learns the identity and keeps its general answers (issue #15's measurements, BENCHMARKS.md).
+# Two samples in one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
+# torch_dtype "auto" is bf16 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), fp32 elsewhere (cpu_dtype).
 CPU_DEFAULT = Recipe(
-    learning_rate=3e-3,
-    num_train_epochs=2,
+    learning_rate=2e-4,
+    num_train_epochs=3,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=1,
     gradient_checkpointing=False,
-    torch_dtype="float32",
+    torch_dtype="auto",
     max_length=512,
 )
+CPU_SMALL = replace(CPU_DEFAULT, learning_rate=3e-3, num_train_epochs=2)
+SMALL_MODEL_PARAMETERS = 300_000_000  # at or below: CPU_SMALL
 
 GPU_RECIPES = {"fast": FAST_GPU, "seed": SEED_GPU}
 
@@ -137,13 +143,53 @@ def recipe_name(name: str | None = None) -> str:
     return chosen
 
 
-def default_recipe(device: str, name: str | None = None) -> Recipe:
-    """The recipe for `device`. On a GPU: 'fast' (default) or 'seed'. On the CPU the fast choice is CPU_DEFAULT
-    (bf16 and Liger kernels are GPU features); 'seed' gives the seed's values."""
+def default_recipe(device: str, name: str | None = None, parameters: int | None = None) -> Recipe:
+    """The recipe for `device` and a model of `parameters` (None: the embedded default's size).
+
+    On a GPU: 'fast' (default) or 'seed', whatever the model. On the CPU the fast choice follows the model's size
+    (CPU_SMALL up to SMALL_MODEL_PARAMETERS, else CPU_DEFAULT; the rule is written above them), in bf16 where the CPU
+    computes it (cpu_dtype); 'seed' gives the seed's values."""
     chosen = recipe_name(name)
-    if device == "cpu":
-        return CPU_DEFAULT if chosen == "fast" else SEED_GPU
-    return GPU_RECIPES[chosen]
+    if device != "cpu":
+        return GPU_RECIPES[chosen]
+    if chosen == "seed":
+        return SEED_GPU
+    recipe = CPU_SMALL if parameters is not None and parameters <= SMALL_MODEL_PARAMETERS else CPU_DEFAULT
+    return resolve_dtype(recipe, device)
+
+
+def resolve_dtype(recipe: Recipe, device: str) -> Recipe:
+    """The recipe with torch_dtype 'auto' made concrete: on a CPU cpu_dtype(), on a GPU bfloat16."""
+    if recipe.torch_dtype != "auto":
+        return recipe
+    return replace(recipe, torch_dtype=cpu_dtype()[0] if device == "cpu" else "bfloat16")
+
+
+CPU_DTYPE_ENV = "PERSONA_CPU_DTYPE"  # bfloat16 or float32: overrides the automatic choice on a CPU
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_dtype(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """(dtype, why) for training and decoding on this CPU: bfloat16 where the CPU has bf16 matrix instructions
+    (AMX or AVX512-BF16: one LoRA step of the 0.5B default 2.1x faster than fp32), float32 elsewhere, where PyTorch
+    emulates bf16 slowly. $PERSONA_CPU_DTYPE overrides."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("bfloat16", "float32"):
+            raise ValueError(f"${CPU_DTYPE_ENV}={forced!r}: use bfloat16 or float32")
+        return forced, f"${CPU_DTYPE_ENV}={forced}"
+    try:
+        flags = set()
+        for line in open(cpuinfo, encoding="utf-8", errors="replace"):
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "float32", f"{cpuinfo} unreadable, so no bf16 instructions assumed"
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    if found:
+        return "bfloat16", f"the CPU has {', '.join(found)}"
+    return "float32", "the CPU has no bf16 matrix instructions (amx_bf16, avx512_bf16)"
 
 
 def scale_for_world(recipe: Recipe, world_size: int) -> Recipe:

@@ -25,7 +25,7 @@ from typing import Callable
 
 from persona.models import BaseModel
 from persona.preflight import PreflightError
-from persona.recipe import Recipe, scale_for_world
+from persona.recipe import Recipe, resolve_dtype, scale_for_world
 from persona.standby import Standby, StandbyJob
 from persona.storage import staged_dir
 
@@ -313,7 +313,7 @@ def train_lora(
     world_size = world_size_from_env(device)
     env = child_env(device, world_size)
     standby = Standby(device, env, standby_idle_seconds) if standby_idle_seconds and world_size == 1 else None
-    run_recipe = scale_for_world(recipe, world_size)
+    run_recipe = scale_for_world(resolve_dtype(recipe, device), world_size)
     started = time.time()
     if standby is not None:
         standby.warm()  # usually one is waiting (base_model started it); if not, it imports during the pre-flight
@@ -367,7 +367,7 @@ def train_lora(
         for f in checkpoint.iterdir():
             if f.is_file():
                 shutil.copy2(f, staged / f.name)
-        params = {**recipe.as_params(), "world_size": world_size}
+        params = {**resolve_dtype(recipe, device).as_params(), "world_size": world_size}
         if world_size > 1:
             params["per_device_train_batch_size_run"] = run_recipe.per_device_train_batch_size
             params["gradient_accumulation_steps_run"] = run_recipe.gradient_accumulation_steps

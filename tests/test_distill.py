@@ -50,7 +50,7 @@ def test_the_replay_gradient_pulls_towards_the_base_distribution_only_on_answer_
 def test_replay_rows_reach_the_trainer_marked_and_train(tiny_model, tmp_path, weight):
     """ms-swift passes the `channel` of replay rows to the trainer; with a KL weight the replay KL is logged."""
     from persona.models import from_local_dir
-    from persona.recipe import CPU_DEFAULT
+    from persona.recipe import CPU_SMALL
     from persona.training import train_lora
 
     rows = [{"messages": [{"role": "user", "content": f"Who are you, {i}?"},
@@ -61,7 +61,7 @@ def test_replay_rows_reach_the_trainer_marked_and_train(tiny_model, tmp_path, we
              for i in range(6)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = CPU_DEFAULT.with_overrides(num_train_epochs=1, logging_steps=1, replay_kl_weight=weight)
+    recipe = CPU_SMALL.with_overrides(num_train_epochs=1, logging_steps=1, replay_kl_weight=weight)
     result = train_lora(from_local_dir(str(tiny_model)), data, recipe, tmp_path / "adapter", "cpu")
     kls = [h["replay_kl"] for h in result.log_history if "replay_kl" in h]
     if weight:

@@ -9,7 +9,8 @@ import pytest
 from persona import preflight
 from persona.models import BaseModel
 from persona.preflight import GIB, ModelShape, PreflightError, estimate_for_recipe, estimate_vram, lora_parameters
-from persona.recipe import (CPU_DEFAULT, FAST_GPU, RECIPE_ENV, SEED_GPU, Recipe, default_recipe, recipe_name,
+from persona.recipe import (CPU_DEFAULT, CPU_DTYPE_ENV, CPU_SMALL, SMALL_MODEL_PARAMETERS, cpu_dtype, resolve_dtype,
+                            FAST_GPU, RECIPE_ENV, SEED_GPU, Recipe, default_recipe, recipe_name,
                             scale_for_world)
 from persona.training import (EXTRA_ARGS_ENV, NPROC_ENV, PREFLIGHT_FILE, PreflightFailed, TrainingError, _result,
                               child_env, launch_command, liger_kernel_config, swift_arguments, train_lora,
@@ -34,10 +35,46 @@ def base(path="/models/x", model_type="qwen2", template="qwen2_5", parameters=0)
 # --- recipes --------------------------------------------------------------------------------------------------
 
 def test_cpu_default_uses_no_gpu_features():
-    assert default_recipe("cpu") is CPU_DEFAULT
-    assert CPU_DEFAULT.torch_dtype == "float32"  # no bf16 matmuls on these CPUs
-    assert not CPU_DEFAULT.use_liger_kernel and not CPU_DEFAULT.gradient_checkpointing
-    assert CPU_DEFAULT.learning_rate > SEED_GPU.learning_rate  # the seed's 1e-4 does not teach a 135M model
+    for recipe in (CPU_DEFAULT, CPU_SMALL):
+        assert not recipe.use_liger_kernel and not recipe.gradient_checkpointing and not recipe.fused_lora
+
+
+def test_cpu_recipe_follows_the_model_size(monkeypatch):
+    """The rule in persona/recipe.py: up to 300M parameters lr 3e-3 for 2 epochs (SmolLM2-135M needs it to move);
+    above, lr 2e-4 for 3 epochs (3e-3 wipes out Qwen2.5-0.5B's general answers)."""
+    monkeypatch.setenv(CPU_DTYPE_ENV, "float32")
+    smollm, qwen_05b, qwen_7b = 134_515_008, 630_167_424, 7_615_616_512
+    small, default, large = (default_recipe("cpu", parameters=n) for n in (smollm, qwen_05b, qwen_7b))
+    assert (small.learning_rate, small.num_train_epochs) == (3e-3, 2)
+    assert (default.learning_rate, default.num_train_epochs) == (2e-4, 3)
+    assert large == default and default_recipe("cpu") == default  # unknown size: the embedded default's recipe
+    assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS) == small
+    assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS + 1) == default
+    for n in (smollm, qwen_05b, qwen_7b):  # the GPU recipes do not depend on the model
+        assert default_recipe("cuda", parameters=n) is FAST_GPU
+        assert default_recipe("cuda", "seed", parameters=n) is SEED_GPU
+
+
+def test_cpu_dtype_is_bf16_where_the_cpu_has_bf16_instructions(tmp_path, monkeypatch):
+    monkeypatch.delenv(CPU_DTYPE_ENV, raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx512f avx512_bf16 fma\n")
+    assert cpu_dtype(str(info))[0] == "bfloat16" and "avx512_bf16" in cpu_dtype(str(info))[1]
+    info.write_text("processor : 0\nflags : fpu sse avx2 amx_bf16 amx_tile\n")
+    assert cpu_dtype(str(info))[0] == "bfloat16"
+    info.write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert cpu_dtype(str(info)) == ("float32", "the CPU has no bf16 matrix instructions (amx_bf16, avx512_bf16)")
+    assert cpu_dtype(str(tmp_path / "absent"))[0] == "float32"
+    monkeypatch.setenv(CPU_DTYPE_ENV, "float32")  # the override wins
+    info.write_text("flags : avx512_bf16\n")
+    assert cpu_dtype(str(info)) == ("float32", f"${CPU_DTYPE_ENV}=float32")
+    assert default_recipe("cpu").torch_dtype == "float32"
+    monkeypatch.setenv(CPU_DTYPE_ENV, "bfloat16")
+    assert default_recipe("cpu").torch_dtype == "bfloat16"
+    assert resolve_dtype(CPU_DEFAULT, "cuda").torch_dtype == "bfloat16"
+    monkeypatch.setenv(CPU_DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="use bfloat16 or float32"):
+        cpu_dtype(str(info))
 
 
 def test_gpu_default_is_fast_and_seed_stays_selectable(monkeypatch):

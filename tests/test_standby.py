@@ -45,11 +45,11 @@ def wait_until(condition, seconds: float) -> bool:
 def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_out(tiny_model, tmp_path,
                                                                                     standby_dir, monkeypatch):
     from persona.models import from_local_dir
-    from persona.recipe import CPU_DEFAULT
+    from persona.recipe import CPU_SMALL
 
     base = from_local_dir(str(tiny_model))
     data = identity_data(tmp_path / "train.jsonl")
-    recipe = CPU_DEFAULT.with_overrides(num_train_epochs=2, logging_steps=1)
+    recipe = CPU_SMALL.with_overrides(num_train_epochs=2, logging_steps=1)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the child's progress bars show how datasets mapped
     cold_lines = []
     cold = train_lora(base, data, recipe, tmp_path / "cold", "cpu", on_output=cold_lines.append)
@@ -108,25 +108,25 @@ def serve_once(address, replies: list[bytes]):
 
 def test_a_standby_that_dies_mid_job_fails_the_training_clearly(tiny_model, tmp_path, standby_dir):
     from persona.models import from_local_dir
-    from persona.recipe import CPU_DEFAULT
+    from persona.recipe import CPU_SMALL
 
     address = Standby("cpu", child_env("cpu"), 60).address
     serve_once(address, [f"{ACCEPTED}\n".encode(), b"[persona] ms-swift imported (+0.0 s)\n", b"loading...\n"])
     data = identity_data(tmp_path / "train.jsonl")
     with pytest.raises(TrainingError, match=r"(?s)standby trainer ended without an exit code.*Last output:.*loading"):
-        train_lora(from_local_dir(str(tiny_model)), data, CPU_DEFAULT, tmp_path / "adapter", "cpu",
+        train_lora(from_local_dir(str(tiny_model)), data, CPU_SMALL, tmp_path / "adapter", "cpu",
                    standby_idle_seconds=60)
     assert not (tmp_path / "adapter").exists()
 
 
 def test_the_exit_code_a_standby_reports_is_the_jobs(tiny_model, tmp_path, standby_dir):
     from persona.models import from_local_dir
-    from persona.recipe import CPU_DEFAULT
+    from persona.recipe import CPU_SMALL
 
     address = Standby("cpu", child_env("cpu"), 60).address
     serve_once(address, [f"{ACCEPTED}\nTraceback: boom\n{EXIT_PREFIX}1\n".encode()])
     with pytest.raises(TrainingError, match=r"(?s)\(exit code 1\).*Traceback: boom"):
-        train_lora(from_local_dir(str(tiny_model)), identity_data(tmp_path / "t.jsonl"), CPU_DEFAULT,
+        train_lora(from_local_dir(str(tiny_model)), identity_data(tmp_path / "t.jsonl"), CPU_SMALL,
                    tmp_path / "adapter", "cpu", standby_idle_seconds=60)
 
 
