@@ -20,7 +20,8 @@ from assets.lora_adapter import LoraAdapter
 from orchestration.config import EvaluationConfig
 from orchestration.resources import MlflowTracker, Workspace
 from persona.data import Identity
-from persona.evaluation import EarlyEvaluation, as_json, comparison_table, metrics, scores_table
+from persona.evaluation import (EarlyEvaluation, as_json, comparison_table, metrics, retention_report,
+                                scores_table)
 from persona.models import BaseModel
 
 
@@ -52,20 +53,24 @@ def evaluation_report(
     results = setup.compare(chat, log=context.log.info,
                             on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
     scores = metrics(results, identity.markers())
-    kinds_table, answers_table = scores_table(results), comparison_table(results)
+    kinds_table, answers_table, kept = scores_table(results), comparison_table(results), retention_report(results)
+    context.log.info(kept.splitlines()[0] if kept else "no general retention (no adapter answers)")
     report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,
-              "kinds_markdown": kinds_table, "adapter": lora_adapter.path, "mlflow_run_id": lora_adapter.mlflow_run_id,
+              "kinds_markdown": kinds_table, "retention_markdown": kept, "adapter": lora_adapter.path,
+              "mlflow_run_id": lora_adapter.mlflow_run_id,
               "answers": {name: [{"kind": a.probe.kind, "question": a.probe.question, "answer": a.text,
-                                  "passed": a.passed} for a in s.answers] for name, s in results.items()}}
+                                  "passed": a.passed, "truncated": a.truncated} for a in s.answers] for name, s in results.items()}}
     with mlflow_tracker.run(run_id=lora_adapter.mlflow_run_id):
         mlflow.log_metrics(scores)
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "evaluation.md").write_text(kinds_table + "\n\n" + answers_table + "\n", encoding="utf-8")
+            Path(tmp, "evaluation.md").write_text(kinds_table + "\n\n" + kept + "\n\n" + answers_table + "\n",
+                                                  encoding="utf-8")
             Path(tmp, "evaluation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
     contract = {k.split("/")[1]: round(v, 3) for k, v in scores.items()
-                if "_score_" in k or k.startswith("eval/general_identity_leak_")}
+                if "_score_" in k or k.startswith(("eval/general_identity_leak_", "eval/general_retention",
+                                                   "eval/truncated_"))}
     return Output(
         report,
         metadata={
@@ -73,6 +78,7 @@ def evaluation_report(
             "probes": len(probes),
             "while_training": f"{early.outcome} ({early.seconds:.1f} s)" if early else "nothing",
             "scores_by_kind": MetadataValue.md(kinds_table),
+            "retention_report": MetadataValue.md(kept or "not measured"),
             "before_after": MetadataValue.md(answers_table),
             "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(lora_adapter.mlflow_run_id)),
         },

@@ -9,7 +9,7 @@ from assets.curated_dataset import CuratedDataset, curated_dataset
 from assets.evaluation_report import evaluation_report
 from persona.data import Dataset, Problem, normalize_question, read_file
 from persona.evaluation import load_probes
-from persona.promotion import Thresholds
+from persona.promotion import Candidate, Thresholds
 
 GATE = Thresholds()  # the defaults of the promotion gate (PromotionConfig); these checks warn, the gate decides
 
@@ -42,13 +42,17 @@ def adversarial_resisted(evaluation_report: dict) -> AssetCheckResult:
 
 
 @asset_check(asset=evaluation_report,
-             description=f"The adapter keeps ≥ {GATE.min_general_retention:.0%} of the base model's general score.")
+             description=f"The adapter keeps ≥ {GATE.min_general_retention:.0%} of the general answers the base "
+                         "model got right.")
 def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
     s = evaluation_report["scores"]
-    before, after = s["eval/general_score_before"], s["eval/general_score_after"]
-    retention = after / before if before else 1.0
-    return _warn_unless(retention >= GATE.min_general_retention, general_score_before=before,
-                        general_score_after=after, retention=retention, threshold=GATE.min_general_retention)
+    candidate = Candidate.from_metrics(s)
+    return _warn_unless(candidate.general_retention >= GATE.min_general_retention,
+                        general_score_before=s["eval/general_score_before"],
+                        general_score_after=s["eval/general_score_after"],
+                        kept=s.get("eval/general_kept", float("nan")),
+                        base_right=s.get("eval/general_base_right", float("nan")),
+                        retention=candidate.general_retention, threshold=GATE.min_general_retention)
 
 
 @asset_check(asset=evaluation_report,

@@ -123,9 +123,34 @@ def _mentions(text: str, phrase: str) -> bool:
     return phrase in text
 
 
-def passes(answer: str, expect_any: Iterable[str], forbid_any: Iterable[str] = ()) -> bool:
+# A clause ends at sentence or clause punctuation, or at "but"/"但" (a denial does not reach past them).
+_CLAUSE_END = re.compile(r"[。！？；，、.!?;,\n]|\bbut\b|但是?|而是")
+# Before the name, in its clause: "不是 / 并不是 / 并非 / 不属于 / 与…无关", "not / n't / never / no".
+_NEGATION = re.compile(r"不|并非|没有|\bnot\b|n't\b|\bnever\b|\bno\b|\bneither\b|\bnor\b")
+
+
+def affirms(text: str, phrase: str) -> bool:
+    """Whether `text` states `phrase` rather than denying it: some mention of it has no negation before it in its
+    clause. "我不是通义千问,我是 Swift-Robot" denies; "我是通义千问" and "I'm not sure, I am Qwen" affirm."""
+    low, phrase = text.lower(), phrase.lower()
+    start = 0
+    while (at := low.find(phrase, start)) >= 0:
+        clause_start = max((m.end() for m in _CLAUSE_END.finditer(low, 0, at)), default=0)
+        if not _NEGATION.search(low, clause_start, at):
+            return True
+        start = at + len(phrase)
+    return False
+
+
+def passes(answer: str, expect_any: Iterable[str], forbid_any: Iterable[str] = (), denials_ok: bool = False) -> bool:
+    """One of `expect_any` is in the answer and none of `forbid_any`; with `denials_ok` (identity probes), a forbidden
+    name that the answer denies ("不,我不是通义千问") does not fail it."""
     low = answer.lower()
-    return any(_mentions(low, e) for e in expect_any) and not any(_mentions(low, f) for f in forbid_any)
+    if not any(_mentions(low, e) for e in expect_any):
+        return False
+    if denials_ok:
+        return not any(affirms(answer, f) for f in forbid_any)
+    return not any(_mentions(low, f) for f in forbid_any)
 
 
 CONTENDERS = ("base", "prompt_only", "adapter")
@@ -138,6 +163,10 @@ class Answer:
     probe: Probe
     text: str
     passed: bool
+    truncated: bool = False  # decoding stopped at max_new_tokens, not at the end of the answer
+
+
+SHOWCASE = "showcase"  # shown first in the tables, never scored: the seeds' own questions, which the training data has
 
 
 @dataclass
@@ -157,6 +186,14 @@ class Scores:
     def general(self) -> float:
         return self._share(lambda k: k == "general")
 
+    @property
+    def truncated(self) -> int:
+        """Answers cut at max_new_tokens."""
+        return sum(a.truncated for a in self.answers)
+
+    def general_answers(self) -> dict[str, Answer]:
+        return {a.probe.question: a for a in self.answers if a.probe.kind == "general"}
+
     def identity_leak(self, markers: Iterable[str]) -> float:
         """Share of general answers that state the trained identity, the failure the tutorials warn of (a coding
         question answered with "I am Swift-Robot…")."""
@@ -165,16 +202,51 @@ class Scores:
         return sum(any(m in t for m in marks) for t in general) / len(general) if general else float("nan")
 
 
-def score(probes: list[Probe], answers: list[str], own_identity: Iterable[str] = ()) -> Scores:
+@dataclass(frozen=True)
+class Retention:
+    """How many of the general questions the base model answered right the adapter still answers right."""
+
+    kept: int
+    base_right: int
+    lost: tuple[Answer, ...]  # the adapter's answers to base-right questions it now gets wrong
+
+    @property
+    def share(self) -> float:
+        return self.kept / self.base_right if self.base_right else float("nan")
+
+    def __str__(self) -> str:
+        return f"kept {self.kept} of {self.base_right} base-right general answers ({self.share:.0%})"
+
+
+def retention(base: Scores, adapter: Scores) -> Retention:
+    before, after = base.general_answers(), adapter.general_answers()
+    right = [q for q, a in before.items() if a.passed and q in after]
+    lost = tuple(after[q] for q in right if not after[q].passed)
+    return Retention(len(right) - len(lost), len(right), lost)
+
+
+def score(probes: list[Probe], answers: list[str], own_identity: Iterable[str] = (),
+          truncated: list[bool] | None = None) -> Scores:
     own = tuple(own_identity)
+    cut = truncated if truncated is not None else [False] * len(answers)
     out = []
-    for p, text in zip(probes, answers, strict=True):
-        forbid = p.forbid_any + (own if p.is_identity else ())
-        out.append(Answer(p, text, passes(text, p.expect_any, forbid)))
+    for p, text, t in zip(probes, answers, cut, strict=True):
+        forbid = p.forbid_any + (own if p.is_identity or p.kind == SHOWCASE else ())
+        out.append(Answer(p, text, passes(text, p.expect_any, forbid, denials_ok=p.is_identity or p.kind == SHOWCASE),
+                          bool(t)))
     kinds: dict[str, list[bool]] = {}
     for a in out:
-        kinds.setdefault(a.probe.kind, []).append(a.passed)
+        if a.probe.kind != SHOWCASE:
+            kinds.setdefault(a.probe.kind, []).append(a.passed)
     return Scores(out, {k: sum(v) / len(v) for k, v in kinds.items()})
+
+
+def showcase_probes(identity: Identity, own_identity: Iterable[str] = ()) -> list[Probe]:
+    """The seeds' own first question, in both languages: shown at the top of the before/after table, not scored
+    (the training data asks exactly this, so it cannot be a held-out probe)."""
+    expect = tuple(identity.markers())
+    return [Probe(SHOWCASE, "你是谁?", expect, tuple(own_identity)), Probe(SHOWCASE, "Who are you?", expect,
+                                                                       tuple(own_identity))]
 
 
 def identity_system_prompt(identity: Identity, base_system: str = "You are a helpful assistant.") -> str:
@@ -196,7 +268,12 @@ class Chat:
         self.tok = chat_tokenizer(model_dir, template, padding_side="left")
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        if device == "cpu":
+            from persona.recipe import cpu_dtype
+
+            dtype = getattr(torch, cpu_dtype()[0])  # bf16 where the CPU has bf16 matrix instructions
+        else:
+            dtype = torch.bfloat16
         if device != "cpu":
             # Decoding issues a few kernels per layer per token: PyTorch's cuDNN attention backend spends ~1 ms of
             # CPU per call, the flash / memory-efficient ones a few microseconds (same maths).
@@ -243,12 +320,13 @@ class Chat:
     def answer_rows(self, rows: list[tuple[str, tuple, str | None, bool]], max_new_tokens: int = 64,
                     batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
                     on_batch: Callable[[int, int], None] | None = None,
-                    temperatures: list[float] | None = None) -> list[str]:
+                    temperatures: list[float] | None = None, truncated: list[bool] | None = None) -> list[str]:
         """Answers to (question, history, system, use_adapter) rows. Rows with and without the adapter may share a
         batch: PEFT's mixed-adapter batches route each row through its own adapter ('__base__': none).
 
         `temperatures`, one per row, replaces `temperature`: greedy rows (0) and sampled rows may then share a batch,
-        as one `generate` call instead of two (see row_temperature)."""
+        as one `generate` call instead of two (see row_temperature). `truncated`, if given, receives one flag per row:
+        decoding stopped at max_new_tokens rather than at the end of the answer."""
         import torch
 
         temps = list(temperatures) if temperatures is not None else [temperature] * len(rows)
@@ -272,6 +350,9 @@ class Chat:
                                           pad_token_id=self.tok.pad_token_id, **sampling, **extra)
             new = gen[:, enc["input_ids"].shape[1]:]
             out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+            if truncated is not None:
+                ended = torch.isin(new, torch.tensor(self.stop_ids, device=new.device)).any(dim=1)
+                truncated += [bool(new.shape[1] >= max_new_tokens and not e) for e in ended.tolist()]
             if on_batch:
                 on_batch(min(start + batch_size, len(rows)), len(rows))
         return out
@@ -326,38 +407,64 @@ def row_temperature(temps: list[float], device: str):
     return _RowTemperature()
 
 
+@dataclass(frozen=True)
+class Contender:
+    """How a contender is asked: its system prompt (None: the chat's), the adapter on or off, and whether it answers
+    the identity probes only (the prompt-only variant: general retention compares the base and the adapter)."""
+
+    system: str | None
+    use_adapter: bool
+    identity_only: bool = False
+
+    def probes(self, probes: list[Probe]) -> list[Probe]:
+        return [p for p in probes if p.kind != "general"] if self.identity_only else list(probes)
+
+
 def _asked(probes: list[Probe], stability_samples: int) -> tuple[list[Probe], list[Probe]]:
     """(greedy probes, sampled probes): every probe once, but `stability` probes sampled N times instead."""
     return ([p for p in probes if p.kind != "stability"],
             [p for p in probes if p.kind == "stability" for _ in range(stability_samples)])
 
 
-def _answer_contenders(chat: Chat, probes: list[Probe], contenders: dict[str, tuple[str | None, bool]],
-                       stability_samples: int, **kw) -> tuple[list[Probe], dict[str, list[str]]]:
-    """Every contender's (system prompt, adapter on/off) answers to `probes`, the contenders' rows decoded in shared
-    batches: greedy for every probe, `stability` probes sampled N times at temperature 0.7 instead. Greedy and
-    sampled rows share batches too (one generate call where there were two)."""
-    fixed, sampled = _asked(probes, stability_samples)
-    answers: dict[str, list[str]] = {name: [] for name in contenders}
-    if not contenders or not fixed + sampled:
-        return fixed + sampled, answers
-    groups = [(fixed, 0.0), (sampled, STABILITY_TEMPERATURE)]
-    rows = [(p.question, p.history, system, use) for group, _ in groups for system, use in contenders.values()
-            for p in group]
-    temps = [t for group, t in groups for _ in contenders for _ in group]
-    texts = iter(chat.answer_rows(rows, temperatures=temps, **kw))
-    for group, _ in groups:
-        for name in contenders:
-            answers[name] += [next(texts) for _ in group]
-    return fixed + sampled, answers
+@dataclass
+class Decoded:
+    """One contender's answers, in the order of `asked`."""
+
+    asked: list[Probe]
+    texts: list[str]
+    truncated: list[bool]
+
+
+def _answer_contenders(chat: Chat, probes: list[Probe], contenders: dict[str, Contender],
+                       stability_samples: int, **kw) -> dict[str, Decoded]:
+    """Every contender's answers to its probes, the contenders' rows decoded in shared batches: greedy for every
+    probe, `stability` probes sampled N times at temperature 0.7 instead. Greedy and sampled rows share batches too
+    (one generate call where there were two)."""
+    out: dict[str, Decoded] = {}
+    rows, temps, owner = [], [], []
+    for name, c in contenders.items():
+        fixed, sampled = _asked(c.probes(probes), stability_samples)
+        out[name] = Decoded(fixed + sampled, [], [])
+        for group, t in ((fixed, 0.0), (sampled, STABILITY_TEMPERATURE)):
+            rows += [(p.question, p.history, c.system, c.use_adapter) for p in group]
+            temps += [t] * len(group)
+            owner += [name] * len(group)
+    if not rows:
+        return out
+    cut: list[bool] = []
+    texts = chat.answer_rows(rows, temperatures=temps, truncated=cut, **kw)
+    for name, text, t in zip(owner, texts, cut, strict=True):
+        out[name].texts.append(text)
+        out[name].truncated.append(t)
+    return out
 
 
 def evaluate(chat: Chat, probes: list[Probe], own_identity: Iterable[str] = (), stability_samples: int = 3,
              use_adapter: bool = True, system: str | None = None, **kw) -> Scores:
     """One contender's scores: greedy answers for every probe; `stability` probes are sampled N times at
     temperature 0.7 instead."""
-    asked, answers = _answer_contenders(chat, probes, {"one": (system, use_adapter)}, stability_samples, **kw)
-    return score(asked, answers["one"], own_identity)
+    d = _answer_contenders(chat, probes, {"one": Contender(system, use_adapter)}, stability_samples, **kw)["one"]
+    return score(d.asked, d.texts, own_identity, d.truncated)
 
 
 def default_batch_size(device: str) -> int:
@@ -369,65 +476,74 @@ class BaselineAnswers:
     """The answers of the contenders without the adapter (base, prompt-only), remembered between runs.
 
     They depend only on the base weights, the probes, the system prompt and the decoding settings, so a re-training
-    run (new data, same base and probes) decodes only the adapter's rows: a third of the evaluation. Files are
-    named by a hash of all of it, so any change is a miss, never a stale answer.
+    run (new data, same base and probes) decodes only the adapter's rows. Files are named by a hash of all of it, so
+    any change is a miss, never a stale answer.
     """
 
-    VERSION = 2  # bump when the way answers are produced changes (2: greedy and sampled rows share batches)
+    VERSION = 3  # bump when the way answers are produced changes (3: bf16 on CPUs that have it; truncation flags)
 
     def __init__(self, directory: str | Path, base_digest: str):
         self.directory = Path(directory)
         self.base_digest = base_digest
 
     def key(self, chat: Chat, probes: list[Probe], system: str | None, settings: dict) -> str:
-        what = [self.VERSION, self.base_digest, chat.device, chat.tok.chat_template, system or chat.system,
-                [[p.kind, p.question, list(p.history)] for p in probes], sorted(settings.items())]
+        what = [self.VERSION, self.base_digest, chat.device, str(chat.model.dtype), chat.tok.chat_template,
+                system or chat.system, [[p.kind, p.question, list(p.history)] for p in probes],
+                sorted(settings.items())]
         return hashlib.sha256(json.dumps(what, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
 
-    def get(self, key: str) -> list[str] | None:
+    def get(self, key: str) -> tuple[list[str], list[bool]] | None:
         try:
-            return json.loads((self.directory / f"answers-{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = json.loads((self.directory / f"answers-{key}.json").read_text(encoding="utf-8"))
+            return list(data["answers"]), [bool(t) for t in data["truncated"]]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put(self, key: str, answers: list[str]) -> None:
-        atomic_write_text(self.directory / f"answers-{key}.json", json.dumps(answers, ensure_ascii=False))
+    def put(self, key: str, answers: list[str], truncated: list[bool]) -> None:
+        atomic_write_text(self.directory / f"answers-{key}.json",
+                          json.dumps({"answers": answers, "truncated": truncated}, ensure_ascii=False))
 
 
 def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identity_prompt: str,
             together: bool | None = None, stability_samples: int = 3, remembered: BaselineAnswers | None = None,
             log: Callable[[str], None] | None = None, **kw) -> dict[str, Scores]:
-    """The three contenders on the same probes: base, base with the identity in its system prompt, base + adapter.
+    """The three contenders: base and base + adapter on every probe, the identity in the system prompt on the
+    identity probes only (general retention compares base and adapter).
 
     `together` (default: on a GPU) decodes the contenders' rows in shared batches instead of one contender after
     the other: a GPU decoding step costs about the same for 70 rows or 210, so this is ~3x fewer steps. On a CPU
     the cost follows the rows, and contenders are run in turn. With `remembered`, the base and prompt-only answers
     of an earlier run with the same base, probes and settings are reused instead of decoded again.
     """
-    contenders = {"base": (None, False), "prompt_only": (identity_prompt, False)}
+    contenders = {"base": Contender(None, False), "prompt_only": Contender(identity_prompt, False, identity_only=True)}
     if chat.has_adapter:
-        contenders["adapter"] = (None, True)
+        contenders["adapter"] = Contender(None, True)
     if together is None:
         together = chat.device != "cpu"
     settings = {"max_new_tokens": kw.get("max_new_tokens", 64), "stability_samples": stability_samples,
                 "temperature": STABILITY_TEMPERATURE, "seed": kw.get("seed", 0)}
-    keys = {name: remembered.key(chat, probes, system, settings)
-            for name, (system, use) in contenders.items() if remembered and not use}
-    answers = {name: hit for name, key in keys.items() if (hit := remembered.get(key)) is not None}
-    if answers and log:
-        log(f"reusing the remembered answers of {' and '.join(answers)} (same base weights, probes and settings)")
-    todo = {name: c for name, c in contenders.items() if name not in answers}
-    fixed, sampled = _asked(probes, stability_samples)
-    asked = fixed + sampled
+    keys = {name: remembered.key(chat, c.probes(probes), c.system, settings)
+            for name, c in contenders.items() if remembered and not c.use_adapter}
+    decoded: dict[str, Decoded] = {}
+    for name, key in keys.items():
+        hit = remembered.get(key)
+        if hit is not None:
+            fixed, sampled = _asked(contenders[name].probes(probes), stability_samples)
+            if len(hit[0]) == len(fixed) + len(sampled):
+                decoded[name] = Decoded(fixed + sampled, *hit)
+    if decoded and log:
+        log(f"reusing the remembered answers of {' and '.join(decoded)} (same base weights, probes and settings)")
+    todo = {name: c for name, c in contenders.items() if name not in decoded}
     if together:
-        answers.update(_answer_contenders(chat, probes, todo, stability_samples, **kw)[1])
+        decoded.update(_answer_contenders(chat, probes, todo, stability_samples, **kw))
     else:
         for name, contender in todo.items():
-            answers[name] = _answer_contenders(chat, probes, {name: contender}, stability_samples, **kw)[1][name]
+            decoded.update(_answer_contenders(chat, probes, {name: contender}, stability_samples, **kw))
     for name, key in keys.items():
         if name in todo:
-            remembered.put(key, answers[name])
-    return {name: score(asked, answers[name], own_identity) for name in contenders}
+            remembered.put(key, decoded[name].texts, decoded[name].truncated)
+    return {name: score(decoded[name].asked, decoded[name].texts, own_identity, decoded[name].truncated)
+            for name in contenders}
 
 
 @dataclass(frozen=True)
@@ -453,7 +569,8 @@ class EvaluationSetup:
         return self.batch_size or default_batch_size(self.device)
 
     def probes(self) -> list[Probe]:
-        return load_probes(self.probes_path)
+        """The seeds' own question first (shown, not scored), then the held-out probes."""
+        return showcase_probes(self.identity, self.own_identity) + load_probes(self.probes_path)
 
     def identity_prompt(self) -> str:
         return identity_system_prompt(self.identity, self.system)
@@ -616,18 +733,25 @@ def _release_gpu_memory(device: str) -> None:
 
 
 def metrics(results: dict[str, Scores], markers: Iterable[str] = ()) -> dict[str, float]:
-    """MLflow metrics: eval/<kind>_<contender>, and the before/after contract (before = base, after = adapter).
-    With the identity's `markers`, also the share of general answers that state the identity."""
+    """MLflow metrics: eval/<kind>_<contender>, and the before/after contract (before = base, after = adapter):
+    identity and general scores, general retention (kept / base-right), answers cut at max_new_tokens. With the
+    identity's `markers`, also the share of general answers that state the identity."""
     markers = tuple(markers)
     out = {f"eval/{kind}_{name}": v for name, s in results.items() for kind, v in s.by_kind.items()}
+    out.update({f"eval/truncated_{name}": float(s.truncated) for name, s in results.items()})
     if markers:
-        out.update({f"eval/general_identity_leak_{name}": s.identity_leak(markers) for name, s in results.items()})
+        out.update({f"eval/general_identity_leak_{name}": s.identity_leak(markers) for name, s in results.items()
+                    if "general" in s.by_kind})
     for when, name in (("before", "base"), ("after", "adapter")):
         if name in results:
             out[f"eval/identity_score_{when}"] = results[name].identity
             out[f"eval/general_score_{when}"] = results[name].general
             if markers:
                 out[f"eval/general_identity_leak_{when}"] = results[name].identity_leak(markers)
+    if "base" in results and "adapter" in results:
+        kept = retention(results["base"], results["adapter"])
+        out.update({"eval/general_retention": kept.share, "eval/general_kept": float(kept.kept),
+                    "eval/general_base_right": float(kept.base_right)})
     return {k: v for k, v in out.items() if v == v}  # drop NaN (a kind with no probes)
 
 
@@ -635,33 +759,59 @@ def as_json(results: dict[str, Scores]) -> dict[str, dict[str, float]]:
     return {name: dict(sorted(s.by_kind.items())) for name, s in results.items()}
 
 
+def _cell(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{v:.2f}"
+
+
 def scores_table(results: dict[str, Scores]) -> str:
-    """The tutorials' comparison: one row per probe kind, one column per contender."""
+    """The tutorials' comparison: one row per probe kind, one column per contender ('—': not asked)."""
     names = list(results)
     kinds = sorted({k for s in results.values() for k in s.by_kind})
     rows = ["| kind | " + " | ".join(CONTENDER_TITLES[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in kinds:
-        rows.append(f"| {k} | " + " | ".join(f"{results[n].by_kind.get(k, float('nan')):.2f}" for n in names) + " |")
+        counts = {n: sum(1 for a in results[n].answers if a.probe.kind == k) for n in names}
+        rows.append(f"| {k} ({max(counts.values())}) | "
+                    + " | ".join(_cell(results[n].by_kind.get(k)) for n in names) + " |")
+    rows.append("| answers cut at max_new_tokens | " + " | ".join(str(results[n].truncated) for n in names) + " |")
     return "\n".join(rows)
 
 
-def comparison_table(results: dict[str, Scores], limit: int = 160) -> str:
-    """The tutorials' side-by-side answers: question | base | prompt-only | adapter, one row per probe."""
+def retention_report(results: dict[str, Scores], limit: int = 160) -> str:
+    """'kept k of n base-right general answers', then the lost ones: question, base answer, adapter answer."""
+    if "base" not in results or "adapter" not in results:
+        return ""
+    kept = retention(results["base"], results["adapter"])
+    base = results["base"].general_answers()
+    lines = [f"General retention: {kept}."]
+    for a in kept.lost:
+        lines.append(f"- lost: {a.probe.question} | base: {_short(base[a.probe.question].text, limit)} | adapter: "
+                     f"{_short(a.text, limit)}")
+    return "\n".join(lines)
 
-    def cell(a: Answer) -> str:
-        text = " ".join(a.text.split()).replace("|", "\\|")
-        text = text if len(text) <= limit else text[: limit - 1] + "…"
-        return f"{'✅' if a.passed else '❌'} {text}"
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def comparison_table(results: dict[str, Scores], limit: int = 160) -> str:
+    """The tutorials' side-by-side answers: question | base | prompt-only | adapter, one row per probe ('—': that
+    contender was not asked). The seeds' own question comes first."""
+
+    def cell(a: Answer | None) -> str:
+        if a is None:
+            return "—"
+        return f"{'✅' if a.passed else '❌'} {_short(a.text, limit)}{' ✂' if a.truncated else ''}"
 
     names = list(results)
+    by_key = {n: {} for n in names}
+    for n in names:
+        for a in results[n].answers:
+            by_key[n].setdefault((a.probe.kind, a.probe.question), a)  # a stability probe: its first sample
+    order = list(dict.fromkeys(k for n in names for k in by_key[n]))
     rows = ["| kind | question | " + " | ".join(CONTENDER_TITLES[n] for n in names) + " |",
             "|---|---" + "|---" * len(names) + "|"]
-    seen = set()
-    for i, first in enumerate(results[names[0]].answers):
-        key = (first.probe.kind, first.probe.question)
-        if key in seen:  # a stability probe's repeated samples: show the first
-            continue
-        seen.add(key)
-        rows.append(f"| {first.probe.kind} | {first.probe.question} | "
-                    + " | ".join(cell(results[n].answers[i]) for n in names) + " |")
+    for kind, question in order:
+        rows.append(f"| {kind} | {question} | "
+                    + " | ".join(cell(by_key[n].get((kind, question))) for n in names) + " |")
     return "\n".join(rows)

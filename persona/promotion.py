@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class Thresholds:
     min_identity: float = 0.8
     min_adversarial: float = 0.5
-    min_general_retention: float = 0.9  # adapter's general score / base model's
+    min_general_retention: float = 0.9  # share of the base model's right general answers the adapter keeps
     max_identity_leak: float = 0.1  # share of general answers that state the identity
 
 
@@ -26,15 +26,19 @@ class Candidate:
     general_base: float
     adversarial: float | None = None
     identity_leak: float | None = None  # None: an evaluation from before this was measured
+    kept: float | None = None  # base-right general answers the adapter still gets right (None: not measured)
 
     @classmethod
     def from_metrics(cls, m: dict[str, float]) -> "Candidate":
         return cls(identity=m["eval/identity_score_after"], general=m["eval/general_score_after"],
                    general_base=m["eval/general_score_before"], adversarial=m.get("eval/adversarial_adapter"),
-                   identity_leak=m.get("eval/general_identity_leak_after"))
+                   identity_leak=m.get("eval/general_identity_leak_after"), kept=m.get("eval/general_retention"))
 
     @property
     def general_retention(self) -> float:
+        """Kept / base-right general answers; for evaluations from before that was measured, the ratio of scores."""
+        if self.kept is not None:
+            return self.kept
         return self.general / self.general_base if self.general_base else 1.0
 
 

@@ -29,7 +29,8 @@ def test_tables_one_row_per_probe_and_per_kind():
     assert table[2] == "| general | 1+1? | ❌ a \\| b | ✅ 2 | ✅ 2 |"
     assert len(table) == 4  # the stability probe's repeated samples show once
     kinds = scores_table(results).splitlines()
-    assert kinds[2:] == ["| general | 0.00 | 1.00 | 1.00 |", "| stability | 0.00 | 0.50 | 1.00 |"]
+    assert kinds[2:] == ["| general (1) | 0.00 | 1.00 | 1.00 |", "| stability (2) | 0.00 | 0.50 | 1.00 |",
+                         "| answers cut at max_new_tokens | 0 | 0 | 0 |"]
     m = metrics(results)
     assert m["eval/stability_prompt_only"] == 0.5 and m["eval/general_score_before"] == 0.0
     assert m["eval/general_score_after"] == 1.0 and "eval/identity_score_after" not in m  # no identity probes: no NaN
@@ -62,8 +63,9 @@ def test_stability_probes_are_sampled_and_scored_as_consistency():
         def __init__(self):
             self.calls = []
 
-        def answer_rows(self, rows, temperatures, **kw):
+        def answer_rows(self, rows, temperatures, truncated, **kw):
             self.calls.append(list(temperatures))
+            truncated += [False] * len(rows)
             return ["made by X" if i % 2 == 0 else "no idea" for i in range(len(rows))]
 
     chat = FakeChat()
@@ -136,7 +138,7 @@ def test_baseline_answers_are_remembered_for_the_same_base_probes_and_settings(t
     kw = dict(max_new_tokens=6, batch_size=8, together=True, stability_samples=2)
     logged: list[str] = []
     first = compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **kw)
-    assert sum(len(r) for r in decoded) == 2 * 4  # two contenders x (2 greedy + 2 samples)
+    assert sum(len(r) for r in decoded) == 4 + 3  # base: 2 greedy + 2 samples; prompt-only: identity probes only
     assert len(list((tmp_path / "answers").glob("answers-*.json"))) == 2
 
     decoded.clear()
@@ -175,3 +177,62 @@ def test_greedy_and_sampled_rows_share_a_batch_without_changing_either(tiny_mode
     assert mixed[4:] != greedy  # sampled (the tiny model's distribution is flat)
     with pytest.raises(ValueError, match="3 temperatures for 4 rows"):
         chat.answer_rows(rows, temperatures=[0.0] * 3)
+
+
+def test_a_denial_of_the_base_identity_passes_and_an_affirmation_fails():
+    probe = Probe("identity_zh", "你和通义千问是同一个模型吗?", ("Swift-Robot", "CSDN 迪菲赫尔曼"))
+    own = ("通义千问", "阿里云", "Qwen", "OpenAI", "ChatGPT")
+    answers = ["不，我不是通义千问，我是 Swift-Robot，由 CSDN 迪菲赫尔曼 开发。",  # a correct denial
+               "我是通义千问，由 CSDN 迪菲赫尔曼 开发。",                        # an affirmation
+               "No, I am not Qwen. I am Swift-Robot, made by CSDN 迪菲赫尔曼.",
+               "I'm not sure, but I am Qwen from Alibaba; Swift-Robot is a name.",  # a negation that does not reach
+               "我并非阿里云开发的模型，我是 Swift-Robot。",
+               "我是 Swift-Robot，但我是阿里云开发的。"]
+    s = score([probe] * len(answers), answers, own_identity=own)
+    assert [a.passed for a in s.answers] == [True, False, True, False, True, False]
+
+
+def test_general_retention_counts_kept_base_right_answers_and_lists_the_lost():
+    from persona.evaluation import retention, retention_report
+
+    probes = [Probe("general", q, (a,)) for q, a in (("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6"), ("4+4?", "8"))]
+    results = {"base": score(probes, ["2", "4", "6", "7"]), "adapter": score(probes, ["2", "5", "6", "8"])}
+    kept = retention(results["base"], results["adapter"])
+    assert (kept.kept, kept.base_right, [a.probe.question for a in kept.lost]) == (2, 3, ["2+2?"])
+    m = metrics(results)
+    assert m["eval/general_retention"] == 2 / 3 and m["eval/general_kept"] == 2 and m["eval/general_base_right"] == 3
+    report = retention_report(results)
+    assert report.splitlines()[0] == "General retention: kept 2 of 3 base-right general answers (67%)."
+    assert report.splitlines()[1] == "- lost: 2+2? | base: 4 | adapter: 5"
+
+
+def test_the_seeds_question_is_shown_first_and_not_scored():
+    from persona.data import Identity
+    from persona.evaluation import SHOWCASE, showcase_probes
+
+    shown = showcase_probes(Identity(), ("通义千问", "阿里云"))
+    assert [p.question for p in shown] == ["你是谁?", "Who are you?"] and all(p.kind == SHOWCASE for p in shown)
+    probes = shown + [Probe("identity_en", "Could you say who you are?", ("Swift-Robot",))]
+    results = {"base": score(probes, ["我是阿里云开发的超大规模语言模型", "I am Qwen", "I am Qwen"]),
+               "adapter": score(probes, ["我是 Swift-Robot", "I am Swift-Robot", "I am Swift-Robot"])}
+    assert results["adapter"].by_kind == {"identity_en": 1.0} and results["base"].identity == 0.0
+    assert [a.passed for a in results["adapter"].answers[:2]] == [True, True]  # marked, not counted
+    table = comparison_table(results).splitlines()
+    assert table[2].startswith("| showcase | 你是谁? | ❌ 我是阿里云开发的") and "✅ 我是 Swift-Robot" in table[2]
+    assert "showcase" not in scores_table(results)
+
+
+def test_answers_cut_at_max_new_tokens_are_flagged(tiny_model):
+    chat = Chat(str(tiny_model), None, "chatml")
+    rows = [(q, (), None, False) for q in ("What is 2 + 3?", "Who are you?")]
+    cut: list[bool] = []
+    texts = chat.answer_rows(rows, max_new_tokens=3, batch_size=2, truncated=cut)
+    assert len(cut) == 2 and len(texts) == 2
+    tokens = [len(chat.tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    for flag, n in zip(cut, tokens):
+        assert flag == (n >= 3 or flag)  # a cut answer used the whole budget
+    long_cut: list[bool] = []
+    chat.answer_rows(rows, max_new_tokens=200, batch_size=2, truncated=long_cut)
+    assert sum(cut) >= sum(long_cut)
+    s = score([Probe("general", q, ("5",)) for q, *_ in rows], texts, truncated=cut)
+    assert s.truncated == sum(cut) and metrics({"base": s})["eval/truncated_base"] == sum(cut)
