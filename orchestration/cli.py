@@ -44,24 +44,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+LAST_RUN = "last_run.json"  # under outputs/: the last `persona run`'s scores, decision and stage times, for scripts
+
+
 def _print_report(result, took: float) -> None:
+    from orchestration.resources import Workspace
+    from persona.storage import atomic_write_text
+
     times = {e.step_key: e.event_specific_data.duration_ms / 1000
              for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    stages = {k: round(v, 1) for k, v in times.items() if "." not in k and "_is_" not in k}
     report = result.output_for_node("evaluation_report")
     decision = result.output_for_node("champion")
     s = report["scores"]
     print("\n" + report["table_markdown"] + "\n\n" + report["kinds_markdown"] + "\n")
+    if report.get("retention_markdown"):
+        print(report["retention_markdown"] + "\n")
     print(f"identity score: {s['eval/identity_score_before']:.2f} → {s['eval/identity_score_after']:.2f}   "
           f"general score: {s['eval/general_score_before']:.2f} → {s['eval/general_score_after']:.2f}")
+    if "eval/general_retention" in s:
+        print(f"general retention: kept {s['eval/general_kept']:.0f} of {s['eval/general_base_right']:.0f} "
+              f"base-right answers ({s['eval/general_retention']:.0%})")
     if "eval/general_identity_leak_after" in s:
         print(f"general answers stating the identity: {s['eval/general_identity_leak_before']:.0%} → "
               f"{s['eval/general_identity_leak_after']:.0%}")
     print(f"champion:    {'promoted' if decision['promoted'] else 'unchanged'} — {'; '.join(decision['reasons'])}")
-    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if "." not in k and "_is_" not in k)
-          + f"; pipeline {took:.0f}")
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + f"; pipeline {took:.0f}")
     print(f"adapter:     {report['adapter']}")
     print(f"MLflow run:  {report['mlflow_run_id']}  (open the MLflow UI: see README)")
     print(f"Dagster run: {result.run_id}  (open the Dagster UI: see README)")
+    summary = {"dagster_run_id": result.run_id, "mlflow_run_id": report["mlflow_run_id"], "adapter": report["adapter"],
+               "scores": s, "promoted": decision["promoted"], "reasons": decision["reasons"],
+               "stage_seconds": stages, "pipeline_seconds": round(took, 1)}
+    try:
+        atomic_write_text(Workspace().output(LAST_RUN), json.dumps(summary, indent=2, ensure_ascii=False))
+    except OSError as exc:
+        print(f"(could not write outputs/{LAST_RUN}: {exc})", file=sys.stderr)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="persona", description="Give an open LLM a new identity with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole pipeline (train_persona job)")
-    run.add_argument("--model", help="'embedded' (default), a local model folder, or a ModelScope id")
+    run.add_argument("--model", help="'embedded' (default: Qwen2.5-Coder-0.5B-Instruct), 'embedded:smollm2-135m', "
+                     "a local model folder, or a ModelScope id")
     run.add_argument("--device", help="'auto' (default), 'cpu' or 'cuda'")
     run.set_defaults(func=_run)
     val = sub.add_parser("validate", help="check training files; prints file:line: problem — fix")
@@ -175,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--min-samples", type=int, default=20)
     val.add_argument("--probes", help="evaluation probes (JSONL) that must not appear in training")
     val.add_argument("--base-model", default="embedded",
-                     help="whose own identity answers must not name (embedded = SmolLM, Qwen/... = 通义千问)")
+                     help="whose own identity answers must not name (embedded or Qwen/... = 通义千问; "
+                     "embedded:smollm2-135m = SmolLM)")
     val.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens for the max-length check")
     val.add_argument("--max-length", type=int, default=512)
     val.set_defaults(func=_validate)
