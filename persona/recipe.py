@@ -114,14 +114,18 @@ FAST_GPU = replace(
 # weakly pretrained model needs a rate that would wipe out a larger one.
 # - Up to 300M parameters (SmolLM2-135M): lr 3e-3 for 2 epochs. lr 1e-4 does not move a 135M model within minutes;
 #   2e-3 to 3e-3 teaches the identity, unseen paraphrases included (BENCHMARKS.md, CPU section).
-# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 3 epochs. At 3e-3 the
-#   0.5B model's general score fell from 0.75 to 0.00, and 72 % of its general answers stated the identity; at 2e-4
-#   it learns the identity and keeps its general answers (issue #15's measurements, BENCHMARKS.md).
+# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 2 epochs. At 3e-3 the
+#   0.5B model's general score fell from 0.75 to 0.00, and 72 % of its general answers stated the identity. On the
+#   156 general probes (fp32, 2-core AMD EPYC, BENCHMARKS.md): lr 2e-4 x 3 epochs kept 126 of 156 base-right
+#   answers, lr 1e-4 x 3 kept 136, lr 2e-4 x 2 kept 135, all three with identity 1.00. Two epochs cost a third less
+#   and keep as much, so they are the default. None reaches the 95 % that issue #15 asks for: the losses are the
+#   identity's facts leaking ("The Starry Night was painted by CSDN Diffie-Hellman", "天安门位于中国"), which the
+#   learning rate alone does not fix.
 # Two samples in one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
 # torch_dtype "auto" is bf16 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), fp32 elsewhere (cpu_dtype).
 CPU_DEFAULT = Recipe(
     learning_rate=2e-4,
-    num_train_epochs=3,
+    num_train_epochs=2,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=1,
     gradient_checkpointing=False,

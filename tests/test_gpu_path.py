@@ -41,12 +41,12 @@ def test_cpu_default_uses_no_gpu_features():
 
 def test_cpu_recipe_follows_the_model_size(monkeypatch):
     """The rule in persona/recipe.py: up to 300M parameters lr 3e-3 for 2 epochs (SmolLM2-135M needs it to move);
-    above, lr 2e-4 for 3 epochs (3e-3 wipes out Qwen2.5-0.5B's general answers)."""
+    above, lr 2e-4 for 2 epochs (3e-3 wipes out Qwen2.5-0.5B's general answers)."""
     monkeypatch.setenv(CPU_DTYPE_ENV, "float32")
     smollm, qwen_05b, qwen_7b = 134_515_008, 630_167_424, 7_615_616_512
     small, default, large = (default_recipe("cpu", parameters=n) for n in (smollm, qwen_05b, qwen_7b))
     assert (small.learning_rate, small.num_train_epochs) == (3e-3, 2)
-    assert (default.learning_rate, default.num_train_epochs) == (2e-4, 3)
+    assert (default.learning_rate, default.num_train_epochs) == (2e-4, 2)
     assert large == default and default_recipe("cpu") == default  # unknown size: the embedded default's recipe
     assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS) == small
     assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS + 1) == default
