@@ -682,7 +682,8 @@ class EarlyEvaluation:
                 chat = self.setup.load()
                 results = self.setup.compare(chat)
             self.outcome = (f"loaded the base model and decoded the base and prompt-only answers "
-                            f"({len(results['base'].answers)} each)")
+                            f"(base {len(results['base'].answers)}, prompt-only "
+                            f"{len(results['prompt_only'].answers)})")
             with self._handover:
                 if not self._discarded:
                     self._chat = chat

@@ -32,7 +32,9 @@ def test_the_early_model_with_the_adapter_put_on_answers_as_a_fresh_load(tiny_mo
     assert early is started and EarlyEvaluation.take(setup) is None  # handed over once
     chat = early.chat()
     assert chat is not None and not chat.has_adapter
-    assert early.outcome == "loaded the base model and decoded the base and prompt-only answers (4 each)"
+    # base: the two showcase questions, the 3 probes, a second stability sample; prompt-only: no general probe
+    assert early.outcome == ("loaded the base model and decoded the base and prompt-only answers "
+                             "(base 6, prompt-only 5)")
     assert len(list((tmp_path / "answers").glob("answers-*.json"))) == 2  # base and prompt-only, remembered
 
     chat.attach_adapter(str(adapter))

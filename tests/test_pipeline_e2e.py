@@ -93,7 +93,9 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, ca
     assert main(["evaluate", "--adapter", adapter.path, "--cases", str(cases), "--json", "--max-new-tokens", "8"]) == 0
     shape = json.loads(capsys.readouterr().out)
     assert set(shape) == {"base", "prompt_only", "adapter"}
-    assert all(set(v) == {"general", "identity_en"} and all(0 <= x <= 1 for x in v.values()) for v in shape.values())
+    # prompt-only is asked the identity probes only: general retention compares the base model and the adapter
+    kinds = {"base": {"general", "identity_en"}, "prompt_only": {"identity_en"}, "adapter": {"general", "identity_en"}}
+    assert all(set(v) == kinds[k] and all(0 <= x <= 1 for x in v.values()) for k, v in shape.items())
     assert main(["ask", "Who are you?", "--max-new-tokens", "4"]) == 0  # the newest adapter by default
     assert capsys.readouterr().out.strip() != ""
 
