@@ -21,6 +21,7 @@ from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import CPU_DTYPE_ENV, cpu_dtype, default_recipe, detect_device, resolve_dtype
 from persona.training import TrainingError, available_recipe, train_lora
+from persona.targets import ADAPTER_MANIFEST
 
 STEP_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 
@@ -35,7 +36,7 @@ class LoraAdapter:
     identity: dict = field(default_factory=dict)  # the Identity fields it was trained for
 
 
-MANIFEST = "persona_adapter.json"  # written last: its presence marks a complete adapter
+MANIFEST = ADAPTER_MANIFEST  # written last: its presence marks a complete adapter
 
 
 def curation_identity(curated: CuratedDataset) -> dict:
@@ -130,14 +131,15 @@ def lora_adapter(
         })
         with tempfile.TemporaryDirectory() as tmp:  # the picture lives in MLflow, not in the adapter folder
             mlflow.log_artifact(str(loss_curve_png(result.log_history, Path(tmp, "loss_curve.png"), run_name)), "plots")
+        adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version, identity)
+        manifest = {**asdict(adapter), "base_model": base_model.path, "template": base_model.template,
+                    "dataset_probes": curated_dataset.probes_path}
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
+        # The registry's copy is usable on its own (`persona chat --champion`, `serve`, `export`).
+        mlflow.log_dict(manifest, f"adapter/{MANIFEST}")
         mlflow.set_tag("persona.trainer", "standby" if result.standby else "fresh process")
 
-    adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version, identity)
-    Path(result.adapter_dir, MANIFEST).write_text(json.dumps(
-        {**asdict(adapter), "base_model": base_model.path, "template": base_model.template,
-         "dataset_probes": curated_dataset.probes_path}, indent=2,
-        ensure_ascii=False), encoding="utf-8")
+    Path(result.adapter_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return Output(
         adapter,
         metadata={

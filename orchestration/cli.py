@@ -1,4 +1,5 @@
-"""The `persona` command: run the pipeline, check data files, evaluate, ask and chat with adapters."""
+"""The `persona` command: run the pipeline, check data files, evaluate; ask, chat, export and serve the base model, the
+champion or any adapter."""
 from __future__ import annotations
 
 import argparse
@@ -100,27 +101,55 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapter(args: argparse.Namespace) -> tuple[dict, str]:
-    """The adapter's manifest and folder: --adapter, or the newest complete one under outputs/adapters."""
-    from assets.lora_adapter import MANIFEST
-    from orchestration.resources import Workspace
+def _registry():
+    from orchestration.resources import MlflowTracker, Workspace
+    from persona.targets import Registry
 
-    if args.adapter:
-        folder = Path(args.adapter)
-        if not (folder / MANIFEST).exists():
-            raise SystemExit(f"{folder}: not a persona adapter (no {MANIFEST}); pass a folder under outputs/adapters/")
-    else:
-        done = sorted(Workspace().output("adapters").glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
-        if not done:
-            raise SystemExit("No adapter yet: run `make run` (or `persona run`) first, or pass --adapter DIR.")
-        folder = done[-1].parent
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8")), str(folder)
+    tracker = MlflowTracker()
+    return Registry(tracker.tracking_uri, tracker.registered_model, Workspace().output("adapters"),
+                    Workspace().output("registry"))
 
 
-def _chat(args: argparse.Namespace, manifest: dict, folder: str):
+def _base_model(args: argparse.Namespace):
+    """--model, else persona.yaml's base_model, else the embedded default (converted on first use)."""
+    from orchestration.project_config import load_run_config, op_config
+    from orchestration.resources import ModelHub
+
+    configured = op_config(load_run_config(), "base_model")
+    model = getattr(args, "model", None) or configured.get("model") or "embedded"
+    return ModelHub().get(model, configured.get("revision", "master"))
+
+
+def _target(args: argparse.Namespace, say=None):
+    """The model to talk to: --base, --champion, --adapter, or by default the champion, else the newest adapter."""
+    from persona.targets import TargetError, base_target, default_target, resolve_adapter
+
+    say = say or (lambda line: print(line, file=sys.stderr))
+    try:
+        if getattr(args, "base", False):
+            base = _base_model(args)
+            target = base_target(base.path, base.template, base.source, args.system)
+            say(f"talking to {target.label}")
+            return target
+        if getattr(args, "champion", False):
+            target = _registry().resolve("champion")
+        elif args.adapter:
+            target = resolve_adapter(args.adapter, _registry())
+        else:
+            target, why = default_target(_registry())
+            say(why)
+            return target.with_system(getattr(args, "system", None))
+        say(f"talking to {target.label}")
+        return target.with_system(getattr(args, "system", None))
+    except TargetError as exc:
+        raise SystemExit(f"persona: {exc}") from None
+
+
+def _chat(target, device: str | None = None):
     from persona.evaluation import Chat
+    from persona.recipe import detect_device
 
-    return Chat(manifest["base_model"], folder, manifest["template"], manifest["system"], manifest["device"])
+    return Chat(target.base_model, target.adapter, target.template, target.system, device or detect_device())
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -129,7 +158,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                                     load_probes, scores_table)
     from persona.models import BaseModel
 
-    manifest, folder = _adapter(args)
+    target = _target(args)
+    if target.adapter is None:
+        raise SystemExit("persona evaluate compares the base model with an adapter: pass --adapter or --champion")
+    manifest, folder = target.manifest, target.adapter
     identity = Identity(**manifest.get("identity", {}))
     cases = Path(args.cases) if args.cases else Path(manifest["dataset_probes"])
     try:
@@ -138,7 +170,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     own = BaseModel.from_dir(manifest["base_model"]).own_identity
-    results = compare(_chat(args, manifest, folder), probes, own, identity_system_prompt(identity, manifest["system"]),
+    results = compare(_chat(target, manifest.get("device")), probes, own, identity_system_prompt(identity, manifest["system"]),
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or default_batch_size(manifest["device"]))
     if args.json:
         print(json.dumps(as_json(results), ensure_ascii=False, indent=2))
@@ -149,16 +181,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    manifest, folder = _adapter(args)
-    (answer,) = _chat(args, manifest, folder).answer([(args.question, ())], max_new_tokens=args.max_new_tokens)
+    (answer,) = _chat(_target(args)).answer([(args.question, ())], max_new_tokens=args.max_new_tokens)
     print(answer)
     return 0
 
 
 def _chat_loop(args: argparse.Namespace) -> int:
-    manifest, folder = _adapter(args)
-    chat = _chat(args, manifest, folder)
-    print(f"Chatting with {folder} (empty line or Ctrl-D to quit, /clear to forget the conversation)")
+    target = _target(args)
+    chat = _chat(target)
+    print(f"Chatting with {target.label} (empty line or Ctrl-D to quit, /clear to forget the conversation)")
     history: list[dict] = []
     while True:
         try:
@@ -181,6 +212,74 @@ def _chat_loop(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
+def _export(args: argparse.Namespace) -> int:
+    from orchestration.resources import MlflowTracker
+    from persona.export import export_merged
+
+    target = _target(args)
+    if target.adapter is None:
+        raise SystemExit("persona export merges an adapter: pass --adapter or --champion (or nothing: the champion)")
+    manifest = export_merged(target, Path(args.output), dtype=args.dtype, log=lambda line: print(line, file=sys.stderr))
+    if target.run_id:  # the export is recorded on the adapter's MLflow run: where it went, from what, when
+        try:
+            client = MlflowTracker().client()
+            client.set_tag(target.run_id, "persona.exported_to", str(Path(args.output).resolve()))
+            client.log_dict(target.run_id, manifest, f"exports/{manifest['exported_at'].replace(':', '')}.json")
+        except Exception as exc:  # the folder is written; a tracking hiccup must not hide that
+            print(f"(the export was not recorded in MLflow: {type(exc).__name__}: {exc})", file=sys.stderr)
+    print(Path(args.output).resolve())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from persona.recipe import detect_device
+    from persona.serving import deploy_arguments, plan, serve_forever
+    from persona.targets import TargetError, base_target, resolve_adapter
+
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    targets = []
+    try:
+        for spec in args.adapter or []:
+            name, sep, rest = spec.partition("=")
+            name, spec = (name, rest) if sep and not Path(spec).exists() else (None, spec)
+            targets.append((name, resolve_adapter(spec, _registry())))
+        if args.champion or not (args.adapter or args.base):
+            if _registry().champion_version() is not None or args.champion:
+                targets.append(("champion", _registry().resolve("champion")))
+            elif not args.adapter:
+                say("no champion yet: serving the base model alone (--adapter to add one)")
+        if not targets:  # the base model alone; with adapters it is the one they were trained on
+            base = _base_model(args)
+            targets.append((None, base_target(base.path, base.template, base.source)))
+        served = plan(targets, args.served_name, args.system)
+        for name, t in served.adapters.items():
+            say(f"model '{name}': {t.label}")
+        say(f"model '{served.base_name}': the base model {served.base.base_model}")
+        deploy = deploy_arguments(served, args.host, args.port, args.api_key or os.environ.get("PERSONA_API_KEY"),
+                                  detect_device(), args.max_new_tokens, args.max_length)
+    except TargetError as exc:
+        raise SystemExit(f"persona: {exc}") from None
+    serve_forever(deploy, log=say)
+    return 0
+
+
+def _add_target_flags(cmd: argparse.ArgumentParser, base: bool = True, many: bool = False) -> None:
+    which = cmd.add_mutually_exclusive_group() if not many else cmd
+    if base:
+        which.add_argument("--base", action="store_true", help="the base model alone, no adapter (works before "
+                           "any training)")
+    which.add_argument("--champion", action="store_true", help="the adapter holding the Model Registry alias "
+                       "'champion'")
+    which.add_argument("--adapter", action="append" if many else "store",
+                       help="an adapter folder, an MLflow run id, or models:/persona-adapter@champion "
+                       "(or models:/persona-adapter/VERSION)" + ("; repeat it to serve several, NAME=ADAPTER names "
+                                                                  "one" if many else ""))
+    if base:
+        cmd.add_argument("--model", help="with --base: 'embedded' (default), 'embedded:smollm2-135m', a local "
+                         "folder or a ModelScope id (default: persona.yaml's base_model)")
+    cmd.add_argument("--system", help="the system prompt (default: the one the adapter was trained with)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="persona", description="Give an open LLM a new identity with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--max-length", type=int, default=512)
     val.set_defaults(func=_validate)
     for name, func, text in (("evaluate", _evaluate, "probe base, prompt-only and adapter; print a table or JSON"),
-                             ("ask", _ask, "one answer from the adapter, for scripts"),
-                             ("chat", _chat_loop, "streamed interactive chat with the adapter")):
+                             ("ask", _ask, "one answer, for scripts (default: the champion, else the newest adapter)"),
+                             ("chat", _chat_loop, "streamed interactive chat (default: the champion, else the newest "
+                                                  "adapter)")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--adapter", help="adapter folder (default: the newest under outputs/adapters)")
+        _add_target_flags(cmd, base=name != "evaluate")
         cmd.add_argument("--max-new-tokens", type=int, default=48 if name == "evaluate" else 256)
         if name == "evaluate":
             cmd.add_argument("--cases", help="probe file (JSONL: kind, question, expect_any, ...); default: the "
@@ -214,6 +314,24 @@ def main(argv: list[str] | None = None) -> int:
         if name == "ask":
             cmd.add_argument("question")
         cmd.set_defaults(func=func)
+    exp = sub.add_parser("export", help="merge an adapter (default: the champion) into a standalone Hugging Face "
+                                        "folder that plain transformers loads")
+    _add_target_flags(exp, base=False)
+    exp.add_argument("--output", required=True, help="the folder to write (replaced whole)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="weights' dtype (auto: the base model's)")
+    exp.set_defaults(func=_export)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server (ms-swift's deploy): the base model plus the "
+                                       "champion, or the adapters named")
+    _add_target_flags(srv, many=True)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                     "only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; the next free one if taken)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PERSONA_API_KEY, else none)")
+    srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its folder's name)")
+    srv.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit when a request sets none")
+    srv.add_argument("--max-length", type=int, default=2048, help="prompt + answer tokens; longer prompts get a 400")
+    srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 

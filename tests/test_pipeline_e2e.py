@@ -81,6 +81,8 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, ca
         assert len(client.get_metric_history(run.info.run_id, name)) >= 5, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "evaluation"} <= artifacts
+    # The registry's copy carries the manifest, so `persona chat --champion` works without the local folder.
+    assert "adapter/persona_adapter.json" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
         "evaluation/evaluation.md", "evaluation/evaluation.json"}
 
@@ -96,8 +98,9 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, ca
     # prompt-only is asked the identity probes only: general retention compares the base model and the adapter
     kinds = {"base": {"general", "identity_en"}, "prompt_only": {"identity_en"}, "adapter": {"general", "identity_en"}}
     assert all(set(v) == kinds[k] and all(0 <= x <= 1 for x in v.values()) for k, v in shape.items())
-    assert main(["ask", "Who are you?", "--max-new-tokens", "4"]) == 0  # the newest adapter by default
-    assert capsys.readouterr().out.strip() != ""
+    assert main(["ask", "Who are you?", "--max-new-tokens", "4"]) == 0  # the champion, else the newest adapter
+    said = capsys.readouterr()
+    assert said.out.strip() != "" and ("champion" in said.err or "newest adapter" in said.err)
 
     # A malformed dataset: located error, training never starts, nothing earlier is touched.
     adapter_before = {p.name: p.read_bytes() for p in Path(adapter.path).iterdir()}
