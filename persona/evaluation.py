@@ -281,6 +281,14 @@ class Chat:
         # On a GPU the weights go straight to it instead of through host memory.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
                                                      device_map=None if device == "cpu" else device)
+        # The output layer gets the last position's hidden states, a non-contiguous slice of the batch. PyTorch's
+        # matmul folds such a 3-D input into one matrix multiply only when a gradient is wanted; PEFT freezes the
+        # weights, so with an adapter loaded (used or bypassed) the (batch x hidden) @ (hidden x 152k vocabulary)
+        # product became a batched multiply over a per-row copy of the output matrix: 22 of 25 s for a batch of 32
+        # on a CPU, and a 9 GB copy. A contiguous input takes the plain path (BENCHMARKS.md, "Decoding with an adapter").
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
         if adapter_dir:
             from peft import PeftModel
 

@@ -125,6 +125,26 @@ def test_contenders_decoded_together_answer_as_when_decoded_in_turn(tiny_model, 
     assert [a.text for a in in_turn["adapter"].answers] != [a.text for a in in_turn["base"].answers]
 
 
+def test_output_layer_gets_a_contiguous_input_with_an_adapter_and_answers_do_not_change(tiny_model, random_adapter):
+    """With PEFT's frozen weights, a non-contiguous last-position slice made the output layer a batched multiply
+    over per-row copies of its weight (bench/bench_decode.py); Chat hands it a contiguous copy of the slice."""
+    chat = Chat(str(tiny_model), str(random_adapter), "chatml")
+    head = chat.model.get_output_embeddings()
+    seen: list[bool] = []
+    watch = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    questions = [("What is 2 + 3?", ()), ("Who are you?", ()), ("中国的首都是哪里?", ())]
+    with_fix = chat.answer(questions, max_new_tokens=6, batch_size=3)
+    assert seen and all(seen)
+    fix = dict(head._forward_pre_hooks)
+    head._forward_pre_hooks.clear()
+    seen.clear()
+    without = chat.answer(questions, max_new_tokens=6, batch_size=3)
+    assert not all(seen)  # the slice the fix exists for
+    head._forward_pre_hooks.update(fix)
+    watch.remove()
+    assert with_fix == without
+
+
 def test_baseline_answers_are_remembered_for_the_same_base_probes_and_settings(tiny_model, tmp_path):
     from persona.evaluation import BaselineAnswers, compare
 
