@@ -17,6 +17,7 @@ from orchestration.resources import DataPathError, Workspace, unwritable_is_fail
 from persona.data import DatasetError, Dataset, Problem, language, load_dataset
 from persona.evaluation import load_probes, token_counter
 from persona.mixing import MixingError, hub_samples, pick_by_language, read_prompts, replay_samples
+from persona.recipe import default_general_ratio, detect_device_early
 from persona.models import BaseModel
 from persona.storage import staged_dir
 
@@ -40,13 +41,15 @@ def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=pr
     if config.general_mix not in ("replay", "hub", "none"):
         raise DatasetError([Problem("curation config", 0, f"unknown general_mix {config.general_mix!r}",
                                     "use replay, hub or none")])
-    if config.general_mix != "none" and config.general_ratio > 0:
+    ratio = config.general_ratio if config.general_ratio is not None else \
+        default_general_ratio(detect_device_early(), base.parameters)
+    if config.general_mix != "none" and ratio > 0:
         # Count identity rows first, so the general share follows the user's data.
         identity_rows = load_dataset(sources, identity=identity).samples
-        n = round(len(identity_rows) * config.general_ratio)
+        n = round(len(identity_rows) * ratio)
         if config.general_mix == "replay":
             per_language = Counter(language(s.question) for s in identity_rows)
-            wanted = {lang: round(count * config.general_ratio) for lang, count in per_language.items()}
+            wanted = {lang: round(count * ratio) for lang, count in per_language.items()}
             prompts = pick_by_language(read_prompts(workspace.data_file(config.replay_prompts)), wanted, config.seed)
             extra = replay_samples(base, prompts, workspace.output("replay_cache"), "You are a helpful assistant.",
                                    None, config.replay_max_new_tokens, log=log)
@@ -62,7 +65,7 @@ def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=pr
         count_tokens=token_counter(base.path, base.template),
         max_length=config.max_length,
         extra=extra,
-        config={k: v for k, v in config.model_dump().items() if k not in ("probes",)},
+        config={**{k: v for k, v in config.model_dump().items() if k not in ("probes",)}, "general_ratio": ratio},
     )
     return dataset, [p.as_row() for p in probes]
 

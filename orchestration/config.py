@@ -35,7 +35,9 @@ class CurationConfig(Config):
         description="General data against forgetting: 'replay' (offline: the base model's own answers to "
         "general prompts), 'hub' (ModelScope Alpaca datasets, as in the tutorials) or 'none'.",
     )
-    general_ratio: float = Field(default=0.5, description="General samples per identity sample.")
+    general_ratio: Optional[float] = Field(default=None, description="General samples per identity sample; unset: "
+                                           "the recipe's (persona/recipe.py default_general_ratio: 1.0 for the CPU "
+                                           "recipe of models over 300M parameters, 0.5 elsewhere).")
     replay_prompts: str = Field(default="general_prompts.jsonl", description="Prompts for replay, inside the data folder.")
     replay_max_new_tokens: int = Field(default=48, description="Length limit of the base model's replay answers.")
     hub_datasets: list[str] = Field(

@@ -39,8 +39,8 @@ class Recipe:
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
     # Replay rows (the base model's own answers to general prompts): 0 learns them as plain targets; > 0 trains them
     # to keep the base model's next-token distribution instead, KL(base || adapter) x this weight (persona.distill).
-    # On the embedded default the KL kept more of the base model's right answers (12 / 14 vs 10 / 14) but let the
-    # identity into a third of the general answers, in Chinese (BENCHMARKS.md), so plain targets stay the default.
+    # CPU_DEFAULT uses 2 (it kept 148 of the 0.5B model's 156 right general answers where plain targets kept 140);
+    # on SmolLM2-135M it let the identity into a third of the general answers, so the other recipes keep 0.
     replay_kl_weight: float = 0.0
 
     @property
@@ -114,13 +114,14 @@ FAST_GPU = replace(
 # weakly pretrained model needs a rate that would wipe out a larger one.
 # - Up to 300M parameters (SmolLM2-135M): lr 3e-3 for 2 epochs. lr 1e-4 does not move a 135M model within minutes;
 #   2e-3 to 3e-3 teaches the identity, unseen paraphrases included (BENCHMARKS.md, CPU section).
-# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 2 epochs. At 3e-3 the
-#   0.5B model's general score fell from 0.75 to 0.00, and 72 % of its general answers stated the identity. On the
-#   156 general probes (fp32, 2-core AMD EPYC, BENCHMARKS.md): lr 2e-4 x 3 epochs kept 126 of 156 base-right
-#   answers, lr 1e-4 x 3 kept 136, lr 2e-4 x 2 kept 135, all three with identity 1.00. Two epochs cost a third less
-#   and keep as much, so they are the default. None reaches the 95 % that issue #15 asks for: the losses are the
-#   identity's facts leaking ("The Starry Night was painted by CSDN Diffie-Hellman", "天安门位于中国"), which the
-#   learning rate alone does not fix.
+# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 2 epochs, LoRA on the
+#   attention projections only, one replay row per identity row (default_general_ratio) trained to keep the base
+#   model's next-token distribution (KL x 2, persona.distill). At 3e-3 the 0.5B model's general score fell from
+#   0.75 to 0.00. With all-linear LoRA and plain replay targets, no learning rate or epoch count kept more than 87 %
+#   of the base model's 156 right general answers: the adapter swapped facts ("Lisbon" -> "Porto", "Canada" ->
+#   "China"), the same questions in every run. On this data (bf16, BENCHMARKS.md "CPU sweep, AMX machine"):
+#   all-linear, plain replay 1.0: kept 135; attention-only: 140; + KL x 1: 146; KL x 2: 148; KL x 3: 150, but the
+#   identity then slips under adversarial questions (0.83). KL x 2 keeps 148 (94.9 %) with identity and adversarial 1.00.
 # Two samples in one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
 # torch_dtype "auto" is bf16 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), fp32 elsewhere (cpu_dtype).
 CPU_DEFAULT = Recipe(
@@ -131,11 +132,26 @@ CPU_DEFAULT = Recipe(
     gradient_checkpointing=False,
     torch_dtype="auto",
     max_length=512,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    replay_kl_weight=2.0,
 )
-CPU_SMALL = replace(CPU_DEFAULT, learning_rate=3e-3, num_train_epochs=2)
+# SmolLM2-135M keeps the recipe it was measured with: all-linear, plain replay targets.
+CPU_SMALL = replace(CPU_DEFAULT, learning_rate=3e-3, num_train_epochs=2, target_modules=("all-linear",),
+                    replay_kl_weight=0.0)
 SMALL_MODEL_PARAMETERS = 300_000_000  # at or below: CPU_SMALL
 
 GPU_RECIPES = {"fast": FAST_GPU, "seed": SEED_GPU}
+
+
+def default_general_ratio(device: str, parameters: int | None = None) -> float:
+    """Replay rows per identity row when the curation config sets none (`parameters` None: the embedded default).
+
+    1.0 where the CPU_DEFAULT recipe trains (a CPU and a model over SMALL_MODEL_PARAMETERS): its KL replay keeps the
+    base model's answers only where it has replay rows to anchor on. 0.5 elsewhere: SmolLM2's recipe and the GPU
+    recipes were measured with it (BENCHMARKS.md)."""
+    if device == "cpu" and (parameters is None or parameters > SMALL_MODEL_PARAMETERS):
+        return 1.0
+    return 0.5
 
 
 def recipe_name(name: str | None = None) -> str:

@@ -10,6 +10,7 @@ from persona import preflight
 from persona.models import BaseModel
 from persona.preflight import GIB, ModelShape, PreflightError, estimate_for_recipe, estimate_vram, lora_parameters
 from persona.recipe import (CPU_DEFAULT, CPU_DTYPE_ENV, CPU_SMALL, SMALL_MODEL_PARAMETERS, cpu_dtype, resolve_dtype,
+                            default_general_ratio,
                             FAST_GPU, RECIPE_ENV, SEED_GPU, Recipe, default_recipe, recipe_name,
                             scale_for_world)
 from persona.training import (EXTRA_ARGS_ENV, NPROC_ENV, PREFLIGHT_FILE, PreflightFailed, TrainingError, _result,
@@ -47,6 +48,12 @@ def test_cpu_recipe_follows_the_model_size(monkeypatch):
     small, default, large = (default_recipe("cpu", parameters=n) for n in (smollm, qwen_05b, qwen_7b))
     assert (small.learning_rate, small.num_train_epochs) == (3e-3, 2)
     assert (default.learning_rate, default.num_train_epochs) == (2e-4, 2)
+    # above 300M: attention-only LoRA, replay rows kept close to the base model (KL x 2); SmolLM2 as measured
+    assert default.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and default.replay_kl_weight == 2.0
+    assert small.target_modules == ("all-linear",) and small.replay_kl_weight == 0.0
+    # and one replay row per identity row where that recipe trains, half a row elsewhere
+    assert [default_general_ratio("cpu", n) for n in (smollm, qwen_05b, qwen_7b, None)] == [0.5, 1.0, 1.0, 1.0]
+    assert {default_general_ratio("cuda", n) for n in (smollm, qwen_05b, qwen_7b, None)} == {0.5}
     assert large == default and default_recipe("cpu") == default  # unknown size: the embedded default's recipe
     assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS) == small
     assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS + 1) == default
