@@ -3,16 +3,12 @@
 from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from orchestration.config import BaseModelConfig
-from orchestration.resources import ModelHub, TrainerStandby
+from orchestration.resources import ModelHub
 from persona.models import BaseModel, ModelSourceError
 
 
 @asset(group_name="persona", code_version="1", description=__doc__)
-def base_model(context: AssetExecutionContext, config: BaseModelConfig, model_hub: ModelHub,
-               trainer_standby: TrainerStandby) -> Output[BaseModel]:
-    if trainer_standby.warm():
-        # It imports torch and ms-swift while this run prepares the weights and the data; lora_adapter claims it.
-        context.log.info("Started a standby trainer (torch and ms-swift import while the run goes on).")
+def base_model(context: AssetExecutionContext, config: BaseModelConfig, model_hub: ModelHub) -> Output[BaseModel]:
     context.log.info(f"Preparing base model '{config.model}' (the embedded default converts once, then is cached).")
     try:
         model = model_hub.get(config.model, config.revision)

@@ -15,7 +15,8 @@ from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 from orchestration.config import CurationConfig
 from orchestration.resources import DataPathError, Workspace, unwritable_is_failure
 from persona.data import DatasetError, Dataset, Problem, language, load_dataset
-from persona.evaluation import load_probes, token_counter
+from persona.probes import load_probes
+from persona.tokens import token_counter
 from persona.mixing import MixingError, hub_samples, pick_by_language, read_prompts, replay_samples
 from persona.recipe import default_general_ratio, detect_device_early
 from persona.models import BaseModel
@@ -28,6 +29,11 @@ class CuratedDataset:
     probes_path: str   # held-out evaluation probes, identity placeholders filled
     version: str       # content hash of the normalized records and the curation config
     samples: int
+
+    def identity(self) -> dict:
+        """The Identity fields the dataset was curated for (its curation.json)."""
+        curation = json.loads(Path(self.path).with_name("curation.json").read_text(encoding="utf-8"))
+        return {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
 
 
 def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=print) -> tuple[Dataset, list[dict]]:

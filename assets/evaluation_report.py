@@ -4,10 +4,9 @@ its system prompt only, and base + adapter (the tutorials' before/after and prom
 Scores per probe kind: identity (zh/en), adversarial, multi-turn, stability (sampled answers that stay
 consistent) and general (checkable questions: arithmetic, facts, code).
 
-The base and prompt-only answers depend only on the base weights, the probes and the decoding settings: a run that
-changed only the training data reuses them from outputs/answer_cache and decodes the adapter's rows alone. On a GPU
-that has room, `lora_adapter` loads the base model and decodes them while the adapter trains (`while_training`);
-this step then puts the adapter on the loaded model.
+The base and prompt-only answers come from `baseline_answers`, decoded with the same settings; this step decodes the
+adapter's rows (and the baseline's too, should the adapter have been trained with another system prompt or on
+another device than the baseline was decoded with).
 """
 import json
 import tempfile
@@ -15,43 +14,39 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
-from assets.curated_dataset import CuratedDataset
+from dataclasses import replace
+
+from assets.baseline_answers import BaselineAnswers
 from assets.lora_adapter import LoraAdapter
-from orchestration.config import EvaluationConfig
-from orchestration.resources import MlflowTracker, Workspace
+from orchestration.resources import MlflowTracker
 from persona.data import Identity
-from persona.evaluation import (EarlyEvaluation, as_json, comparison_table, metrics, retention_report,
-                                scores_table)
-from persona.models import BaseModel
+from persona.report import comparison_table, retention_report, scores_table
+from persona.scoring import as_json, metrics
 
 
 @asset(group_name="persona", code_version="2", description=__doc__)
 def evaluation_report(
     context: AssetExecutionContext,
-    config: EvaluationConfig,
-    base_model: BaseModel,
-    curated_dataset: CuratedDataset,
+    baseline_answers: BaselineAnswers,
     lora_adapter: LoraAdapter,
     mlflow_tracker: MlflowTracker,
-    workspace: Workspace,
 ) -> Output[dict]:
     import mlflow
 
     identity = Identity(**lora_adapter.identity)
-    setup = config.setup(base_model, curated_dataset.probes_path, identity, lora_adapter.system, lora_adapter.device,
-                         workspace.output("answer_cache"))
+    setup = replace(baseline_answers.setup, identity=identity, system=lora_adapter.system, device=lora_adapter.device)
+    baseline = baseline_answers.answers
+    if setup != baseline_answers.setup:
+        baseline = None
+        context.log.warning(f"The adapter was trained with system prompt {lora_adapter.system!r} on "
+                            f"{lora_adapter.device}; the baseline answers were decoded with "
+                            f"{baseline_answers.setup.system!r} on {baseline_answers.setup.device}: decoding them "
+                            "again with the adapter's.")
     probes = setup.probes()
-    early = EarlyEvaluation.take(setup)
-    chat = early.chat() if early else None
-    if early:
-        context.log.info(f"Started while the adapter trained: {early.outcome} ({early.seconds:.1f} s).")
-    if chat is None:
-        chat = setup.load(lora_adapter.path)
-    else:
-        chat.attach_adapter(lora_adapter.path)
-    context.log.info(f"Asking {len(probes)} probes to the base model, to the prompt-only variant and to base + adapter")
-    results = setup.compare(chat, log=context.log.info,
-                            on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
+    chat = setup.load(lora_adapter.path)
+    context.log.info(f"Asking {len(probes)} probes to base + adapter"
+                     + ("" if baseline else ", to the base model and to the prompt-only variant"))
+    results = setup.compare(chat, baseline, on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
     scores = metrics(results, identity.markers())
     kinds_table, answers_table, kept = scores_table(results), comparison_table(results), retention_report(results)
     context.log.info(kept.splitlines()[0] if kept else "no general retention (no adapter answers)")
@@ -76,7 +71,7 @@ def evaluation_report(
         metadata={
             **contract,
             "probes": len(probes),
-            "while_training": f"{early.outcome} ({early.seconds:.1f} s)" if early else "nothing",
+            "baseline": "decoded again" if baseline is None else "from baseline_answers",
             "scores_by_kind": MetadataValue.md(kinds_table),
             "retention_report": MetadataValue.md(kept or "not measured"),
             "before_after": MetadataValue.md(answers_table),

@@ -9,18 +9,15 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
 
 from assets.curated_dataset import CuratedDataset
-from orchestration.config import EvaluationConfig, TrainingConfig
-from orchestration.project_config import op_config
-from orchestration.resources import MlflowTracker, TrainerStandby, Workspace, unwritable_is_failure
-from persona.data import Identity
-from persona.evaluation import EarlyEvaluation
+from orchestration.config import TrainingConfig
+from orchestration.resources import MlflowTracker, Trainer, Workspace, unwritable_is_failure
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import CPU_DTYPE_ENV, cpu_dtype, default_recipe, detect_device, resolve_dtype
-from persona.training import TrainingError, available_recipe, train_lora
+from persona.training import TrainingError, available_recipe
 from persona.targets import ADAPTER_MANIFEST
 
 STEP_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
@@ -39,12 +36,6 @@ class LoraAdapter:
 MANIFEST = ADAPTER_MANIFEST  # written last: its presence marks a complete adapter
 
 
-def curation_identity(curated: CuratedDataset) -> dict:
-    """The Identity fields the dataset was curated for (its curation.json)."""
-    curation = json.loads(Path(curated.path).with_name("curation.json").read_text(encoding="utf-8"))
-    return {k: curation[k] for k in ("name_zh", "name_en", "author_zh", "author_en") if k in curation}
-
-
 # code_version: bump it with any change to how an adapter is trained (persona/recipe.py, training.py,
 # train_worker.py); Dagster then marks adapters and evaluation reports stale, and the retrain schedule retrains.
 # The schedule also sees edits to the default recipes' values without a bump (orchestration/project_config.py).
@@ -57,7 +48,7 @@ def lora_adapter(
     curated_dataset: CuratedDataset,
     workspace: Workspace,
     mlflow_tracker: MlflowTracker,
-    trainer_standby: TrainerStandby,
+    trainer: Trainer,
 ) -> Output[LoraAdapter]:
     import mlflow
 
@@ -82,40 +73,15 @@ def lora_adapter(
             context.log.info(f"step {p.get('global_step/max_steps')}: loss {p.get('loss', p.get('train_loss'))}, "
                              f"elapsed {p.get('elapsed_time')}, remaining {p.get('remaining_time')}")
 
-        identity = curation_identity(curated_dataset)
-        early: list[EarlyEvaluation] = []
-
-        def meanwhile(training_bytes: int | None) -> None:
-            evaluation = EvaluationConfig(**op_config(context.run_config, "evaluation_report"))
-            if not (evaluation.starts_while_training(device)
-                    and AssetKey("evaluation_report") in context.job_def.asset_layer.selected_asset_keys):
-                return
-            try:
-                setup = evaluation.setup(base_model, curated_dataset.probes_path, Identity(**identity), recipe.system,
-                                         device, workspace.output("answer_cache"))
-                early.append(EarlyEvaluation.start(setup, training_bytes))
-            except Exception as exc:  # it can make the run faster, never fail it
-                context.log.warning(f"No evaluation while training: {type(exc).__name__}: {exc}")
-                return
-            context.log.info("While the adapter trains, this process loads the base model and answers the probes "
-                             f"without the adapter (evaluation_report's first half; while_training: "
-                             f"{evaluation.while_training}).")
+        identity = curated_dataset.identity()
 
         target = workspace.output("adapters", run_id)
         try:
             with unwritable_is_failure(target):
-                result = train_lora(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
-                                    standby_idle_seconds=trainer_standby.idle_for(device), meanwhile=meanwhile)
-        except BaseException as exc:
-            for e in early:  # no evaluation follows: free what it loaded, without waiting for it
-                if EarlyEvaluation.take(e.setup) is e:
-                    e.discard()
-            if isinstance(exc, TrainingError):
-                mlflow.set_tag("persona.error", str(exc)[:5000])
-                raise Failure(description=str(exc)) from None
-            raise
-        for e in early:  # its answers are remembered before this step ends (it may be a process of its own)
-            context.log.info(f"Evaluation while training: {e.wait()} ({e.seconds:.1f} s).")
+                result = trainer.train(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
+        except TrainingError as exc:
+            mlflow.set_tag("persona.error", str(exc)[:5000])
+            raise Failure(description=str(exc)) from None
 
         for h in result.log_history:
             for key, name in STEP_METRICS.items():

@@ -11,7 +11,8 @@ import statistics
 import time
 from pathlib import Path
 
-from persona.evaluation import Chat, load_probes
+from persona.inference import Chat
+from persona.probes import load_probes
 from persona.targets import adapter_target
 
 

@@ -8,7 +8,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
 from assets.curated_dataset import CuratedDataset, curated_dataset
 from assets.evaluation_report import evaluation_report
 from persona.data import Dataset, Problem, normalize_question, read_file
-from persona.evaluation import load_probes
+from persona.probes import load_probes
 from persona.promotion import Candidate, Thresholds
 
 GATE = Thresholds()  # the defaults of the promotion gate (PromotionConfig); these checks warn, the gate decides

@@ -85,7 +85,8 @@ def _print_report(result, took: float) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from persona.data import DatasetError, load_dataset
-    from persona.evaluation import load_probes, token_counter
+    from persona.probes import load_probes
+    from persona.tokens import token_counter
     from persona.models import family_for
 
     family = family_for(None, args.base_model)
@@ -146,7 +147,7 @@ def _target(args: argparse.Namespace, say=None):
 
 
 def _chat(target, device: str | None = None):
-    from persona.evaluation import Chat
+    from persona.inference import Chat
     from persona.recipe import detect_device
 
     return Chat(target.base_model, target.adapter, target.template, target.system, device or detect_device())
@@ -154,8 +155,11 @@ def _chat(target, device: str | None = None):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from persona.data import DatasetError, Identity
-    from persona.evaluation import (as_json, compare, comparison_table, default_batch_size, identity_system_prompt,
-                                    load_probes, scores_table)
+    from persona.evaluation import compare
+    from persona.inference import default_batch_size
+    from persona.probes import identity_system_prompt, load_probes
+    from persona.report import comparison_table, scores_table
+    from persona.scoring import as_json
     from persona.models import BaseModel
 
     target = _target(args)

@@ -1,6 +1,6 @@
 """Typed run configuration, one class per stage. Every field shows up, documented, in the Dagster launchpad."""
 
-from typing import Literal, Optional
+from typing import Optional
 
 from dagster import Config
 from pydantic import Field
@@ -82,19 +82,13 @@ class TrainingConfig(Config):
 
 
 class EvaluationConfig(Config):
-    """`lora_adapter` reads these too: it starts the evaluation's first half while the adapter trains."""
+    """How the probes are decoded, for the baseline (`baseline_answers`) and, with the same values, for the adapter
+    (`evaluation_report`)."""
 
     max_new_tokens: int = Field(default=40, description="Answer length limit per probe.")
     batch_size: Optional[int] = Field(default=None, description="Probes generated together (left-padded); "
                                       "default 32 on a CPU, 128 on a GPU.")
     stability_samples: int = Field(default=3, description="Sampled answers (temperature 0.7) per stability probe.")
-    while_training: Literal["auto", "on", "off"] = Field(
-        default="auto", description="Load the base model and answer the probes without the adapter (base, "
-        "prompt-only) while the adapter trains, in the run's process: 'auto' on a GPU where training and decoding "
-        "fit together, 'on' on a CPU too (it then shares the cores with the training), 'off' never.")
-
-    def starts_while_training(self, device: str) -> bool:
-        return self.while_training == "on" or (self.while_training == "auto" and device != "cpu")
 
     def setup(self, base, probes_path: str, identity, system: str, device: str, answer_cache: str):
         """The persona.evaluation.EvaluationSetup of these settings, for `base` (a persona.models.BaseModel)."""

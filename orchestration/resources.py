@@ -1,11 +1,11 @@
-"""Resources: where files live, where base weights come from, the MLflow experiment tracker, and the trainer
-standby."""
+"""Resources: where files live, where base weights come from, the MLflow experiment tracker, and the trainer (real,
+and a fast fake for tests)."""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from dagster import ConfigurableResource, Failure
 from pydantic import Field
@@ -54,25 +54,32 @@ class Workspace(ConfigurableResource):
         return Path(self.outputs_dir, *parts)
 
 
-class TrainerStandby(ConfigurableResource):
-    """A training process started ahead of time (persona.standby), so that a run does not wait ~23 s for a fresh
-    process to import torch and ms-swift. `base_model` starts it at the beginning of a run; `lora_adapter` hands it
-    the job and starts the next one, which waits `idle_seconds` for the next run (the sensor's or the schedule's)
-    and then exits. It holds a CUDA context (~0.5 GiB of GPU memory) while it waits.
+class Trainer(ConfigurableResource):
+    """Trains LoRA adapters: ms-swift's `sft_main` in a child process (persona.training.train_lora).
 
-    when: "gpu" (on a GPU, where the import is the largest part of a training run), "always", "never";
-    the default comes from $PERSONA_TRAINER_STANDBY, else "gpu".
+    On a GPU a standby trainer (persona.standby) is started when the run starts (`setup_for_execution`): the training
+    child, started ahead of time, imports torch and ms-swift and creates its CUDA context while the run prepares the
+    weights and the data, so a run does not wait ~20 s for a fresh process. `train` hands it the job and starts the
+    next one, which waits `idle_seconds` for the next run (the sensor's or the schedule's) and then exits; it holds
+    a CUDA context (~0.5 GiB of GPU memory) while it waits.
+
+    standby: "gpu" (on a GPU, where the import is the largest part of a training run), "always", "never"; the
+    default comes from $PERSONA_TRAINER_STANDBY, else "gpu".
     """
 
-    when: Literal["gpu", "always", "never"] = Field(
+    standby: Literal["gpu", "always", "never"] = Field(
         default_factory=lambda: os.environ.get("PERSONA_TRAINER_STANDBY", "gpu"))
     idle_seconds: float = Field(default=900.0, gt=0, description="How long a standby waits for a job, then exits.")
+
+    def setup_for_execution(self, context) -> None:
+        if self.warm():
+            context.log.info("Started a standby trainer (torch and ms-swift import while the run goes on).")
 
     def idle_for(self, device: str) -> float | None:
         """How long a standby for `device` waits for its job; None: no standby for this device."""
         from persona.training import world_size_from_env
 
-        if self.when == "never" or (self.when == "gpu" and device == "cpu"):
+        if self.standby == "never" or (self.standby == "gpu" and device == "cpu"):
             return None
         if world_size_from_env(device) > 1:
             return None  # torchrun starts one process per GPU itself
@@ -84,11 +91,35 @@ class TrainerStandby(ConfigurableResource):
         from persona.standby import Standby
         from persona.training import child_env
 
-        if self.when == "never":
+        if self.standby == "never":
             return False
         device = device or detect_device_early()  # (before this run imports torch: the standby starts 5 s sooner)
         idle = self.idle_for(device)
         return idle is not None and Standby(device, child_env(device), idle).warm()
+
+    def train(self, base: BaseModel, dataset_path: str, recipe, target: Path, device: str,
+              on_progress: Callable[[dict], None] | None = None):
+        """A persona.training.TrainResult; the adapter folder `target` appears only if training succeeds."""
+        from persona.training import train_lora
+
+        return train_lora(base, dataset_path, recipe, target, device, on_progress=on_progress,
+                          standby_idle_seconds=self.idle_for(device))
+
+
+class FakeTrainer(Trainer):
+    """The local stand-in for tests of what surrounds training: a valid, untrained adapter and a synthetic loss
+    history in about a second (persona.fake_training), no ms-swift child, no standby."""
+
+    standby: Literal["gpu", "always", "never"] = "never"
+
+    def setup_for_execution(self, context) -> None:
+        pass
+
+    def train(self, base: BaseModel, dataset_path: str, recipe, target: Path, device: str,
+              on_progress: Callable[[dict], None] | None = None):
+        from persona.fake_training import fake_train_lora
+
+        return fake_train_lora(base, dataset_path, recipe, target, device, on_progress)
 
 
 class ModelHub(ConfigurableResource):

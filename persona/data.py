@@ -2,6 +2,9 @@
 
 Every problem is reported as `file:line: problem — how to fix`, all at once, before anything is written.
 The normalized form is ms-swift's `messages` format, one JSON object per line.
+
+Why this module is long: most of it is the located error for each way a row can be malformed (the reliability
+tests try 30 of them).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def export_merged(target: Target, output: Path, dtype: str = "auto", log=print) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from persona.evaluation import chat_tokenizer
+    from persona.tokens import chat_tokenizer
 
     if target.adapter is None:
         raise ValueError("nothing to merge: the target has no adapter")

@@ -74,7 +74,7 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
         log(f"replay: {len(rows)} cached answers from {cache}")
     else:
-        from persona.evaluation import Chat
+        from persona.inference import Chat
 
         from persona.recipe import detect_device
 

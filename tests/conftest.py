@@ -95,15 +95,25 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def resources(home):
-    from orchestration.resources import MlflowTracker, ModelHub, TrainerStandby, Workspace
+    from orchestration.resources import FakeTrainer, MlflowTracker, ModelHub, Workspace
 
     return {
         "workspace": Workspace(data_dir=str(home / "data"), outputs_dir=str(home / "outputs")),
         "model_hub": ModelHub(cache_dir=str(home / "outputs" / "base_models")),
         "mlflow_tracker": MlflowTracker(tracking_uri=f"sqlite:///{home}/mlruns/mlflow.db",
                                         artifact_root=str(home / "mlruns" / "artifacts")),
-        "trainer_standby": TrainerStandby(when="never"),  # tests/test_standby.py starts real standbys itself
+        # Tests of what surrounds training get an untrained adapter in a second; tests where training itself is
+        # under test take `real_trainer`.
+        "trainer": FakeTrainer(),
     }
+
+
+@pytest.fixture
+def real_trainer():
+    """ms-swift in a child process, as runs use it (no standby: tests/test_standby.py starts those itself)."""
+    from orchestration.resources import Trainer
+
+    return Trainer(standby="never")
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,12 @@
 import pytest
 import json
 
-from persona.evaluation import (CHATML, Chat, Probe, as_json, comparison_table, evaluate, load_probes, metrics, passes,
-                                score, scores_table)
+from persona.evaluation import evaluate
+from persona.inference import Chat
+from persona.probes import Probe, load_probes
+from persona.report import comparison_table, scores_table
+from persona.scoring import as_json, metrics, passes, score
+from persona.tokens import CHATML
 
 
 def test_identity_answer_must_name_target_and_not_base():
@@ -145,41 +149,11 @@ def test_output_layer_gets_a_contiguous_input_with_an_adapter_and_answers_do_not
     assert with_fix == without
 
 
-def test_baseline_answers_are_remembered_for_the_same_base_probes_and_settings(tiny_model, tmp_path):
-    from persona.evaluation import BaselineAnswers, compare
-
-    chat = Chat(str(tiny_model), None, "chatml")
-    decoded: list[list] = []
-    answer_rows = chat.answer_rows
-    chat.answer_rows = lambda rows, **kw: decoded.append(rows) or answer_rows(rows, **kw)
-    probes = [Probe("general", "What is 2 + 3?", ("5",)), Probe("identity_en", "Who are you?", ("Swift",)),
-              Probe("stability", "你是谁?", ("Swift",))]
-    memory = BaselineAnswers(tmp_path / "answers", "digest-of-the-base-weights")
-    kw = dict(max_new_tokens=6, batch_size=8, together=True, stability_samples=2)
-    logged: list[str] = []
-    first = compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **kw)
-    assert sum(len(r) for r in decoded) == 4 + 3  # base: 2 greedy + 2 samples; prompt-only: identity probes only
-    assert len(list((tmp_path / "answers").glob("answers-*.json"))) == 2
-
-    decoded.clear()
-    again = compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, log=logged.append, **kw)
-    assert decoded == [] and "reusing the remembered answers of base and prompt_only" in logged[0]
-    for name in ("base", "prompt_only"):
-        assert [a.text for a in again[name].answers] == [a.text for a in first[name].answers]
-        assert again[name].by_kind == first[name].by_kind
-
-    # Other probes, other decoding settings or other base weights: decoded again, never a stale answer.
-    compare(chat, probes[:2], (), "You are Swift-Robot.", remembered=memory, **kw)
-    compare(chat, probes, (), "You are Swift-Robot.", remembered=memory, **{**kw, "max_new_tokens": 5})
-    compare(chat, probes, (), "You are Swift-Robot.", remembered=BaselineAnswers(tmp_path / "answers", "other"), **kw)
-    assert len(decoded) == 3  # one call each time: greedy and sampled rows share it
-
-
 def test_greedy_and_sampled_rows_share_a_batch_without_changing_either(tiny_model):
     """One generate call for both: greedy rows answer as greedy decoding does, sampled rows as generate(temperature)."""
     import torch
 
-    from persona.evaluation import row_temperature
+    from persona.inference import row_temperature
 
     scores = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
     out = row_temperature([0.0, 0.5], "cpu")(None, scores)
@@ -213,7 +187,8 @@ def test_a_denial_of_the_base_identity_passes_and_an_affirmation_fails():
 
 
 def test_general_retention_counts_kept_base_right_answers_and_lists_the_lost():
-    from persona.evaluation import retention, retention_report
+    from persona.report import retention_report
+    from persona.scoring import retention
 
     probes = [Probe("general", q, (a,)) for q, a in (("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6"), ("4+4?", "8"))]
     results = {"base": score(probes, ["2", "4", "6", "7"]), "adapter": score(probes, ["2", "5", "6", "8"])}
@@ -228,7 +203,7 @@ def test_general_retention_counts_kept_base_right_answers_and_lists_the_lost():
 
 def test_the_seeds_question_is_shown_first_and_not_scored():
     from persona.data import Identity
-    from persona.evaluation import SHOWCASE, showcase_probes
+    from persona.probes import SHOWCASE, showcase_probes
 
     shown = showcase_probes(Identity(), ("通义千问", "阿里云"))
     assert [p.question for p in shown] == ["你是谁?", "Who are you?"] and all(p.kind == SHOWCASE for p in shown)

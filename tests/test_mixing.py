@@ -14,9 +14,9 @@ def test_replay_answers_come_from_the_base_model_and_are_cached(tiny_model, tmp_
     first = mixing.replay_samples(base, prompts, tmp_path, "You are a helpful assistant.", "cpu", max_new_tokens=6)
     assert [s.question for s in first] == prompts and all(s.file.startswith(EXTRA_PREFIX + "replay:") for s in first)
 
-    import persona.evaluation
+    import persona.inference
 
-    monkeypatch.setattr(persona.evaluation, "Chat", lambda *a, **k: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(persona.inference, "Chat", lambda *a, **k: pytest.fail("the cache was not used"))
     again = mixing.replay_samples(base, prompts, tmp_path, "You are a helpful assistant.", "cpu", max_new_tokens=6)
     assert [s.messages for s in again] == [s.messages for s in first]
 

@@ -41,7 +41,7 @@ def publish(home: Path, tiny_model: Path, adapter: Path, name: str, promote: boo
 
 
 def answers(target, questions=("Who are you?", "What is 2 + 3?", "Which team is behind you?"), max_new_tokens=8):
-    from persona.evaluation import Chat
+    from persona.inference import Chat
 
     chat = Chat(target.base_model, target.adapter, target.template, target.system, "cpu")
     return chat.answer([(q, ()) for q in questions], max_new_tokens=max_new_tokens)

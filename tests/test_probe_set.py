@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from persona.data import _similar, language, normalize_question
-from persona.evaluation import load_probes
+from persona.probes import load_probes
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

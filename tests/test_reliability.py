@@ -17,9 +17,20 @@ import psutil
 import pytest
 from dagster import materialize
 
-from test_pipeline_e2e import ASSETS, run_config
+from pipeline import ASSETS, run_config
 
 COUNTS = {"inputs tried": 0, "inputs rejected": 0, "faults injected": 0, "faults survived with nothing lost": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts(request):
+    """After this module's tests, whichever ran: the counts the issue asks for."""
+    yield
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\nreliability: " + ", ".join(f"{k}: {v}" for k, v in COUNTS.items()))
+    assert COUNTS["inputs rejected"] == COUNTS["inputs tried"]
+    assert COUNTS["faults survived with nothing lost"] == COUNTS["faults injected"]
 GOOD = [{"instruction": q, "input": "", "output": "I am Tiny-Robot, made by the Test Lab."}
         for q in ["Who are you?", "What is your name?", "Who made you?", "Who built you?", "Introduce yourself.",
                   "Who is your author?", "Who created you?", "Who trained you?", "What are you?", "Who maintains you?",
@@ -105,7 +116,8 @@ def snapshot(home: Path, tracker) -> dict:
 
 @pytest.fixture
 def trained(tiny_model, home, resources):
-    """A home with one good run: curated data, an adapter, MLflow history and a champion."""
+    """A home with one good run: curated data, an adapter (untrained: the fake trainer's), MLflow history and a
+    champion."""
     result = materialize(ASSETS, resources=resources, run_config=lenient(run_config(tiny_model)))
     assert result.success and result.output_for_node("champion")["promoted"]
     return snapshot(home, resources["mlflow_tracker"])
@@ -173,7 +185,8 @@ def kill_worker_when_training(sig: int, stop: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL (OOM killer)", "SIGSEGV (native crash)"])
-def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources, sig):
+def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources, real_trainer, sig):
+    resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1
     (home / "data" / "self_cognition.json").write_text(dump(GOOD + [{"instruction": "New?", "output": "Yes."}]))
     config = run_config(tiny_model)
@@ -198,7 +211,8 @@ def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(tra
     COUNTS["faults survived with nothing lost"] += 1
 
 
-def test_child_crash_before_training_is_reported_with_its_output(trained, tiny_model, home, resources):
+def test_child_crash_before_training_is_reported_with_its_output(trained, tiny_model, home, resources, real_trainer):
+    resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1
     (home / "data" / "self_cognition.json").write_text(dump(GOOD + [{"instruction": "New?", "output": "Yes."}]))
     config = run_config(tiny_model)
@@ -212,7 +226,8 @@ def test_child_crash_before_training_is_reported_with_its_output(trained, tiny_m
     COUNTS["faults survived with nothing lost"] += 1
 
 
-def test_full_disk_while_saving_the_adapter_is_a_clear_error(trained, tiny_model, home, resources, monkeypatch):
+def test_full_disk_while_saving_the_adapter_is_a_clear_error(trained, tiny_model, home, resources, real_trainer, monkeypatch):
+    resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1
     (home / "data" / "self_cognition.json").write_text(dump(GOOD + [{"instruction": "New?", "output": "Yes."}]))
     import persona.training
@@ -278,11 +293,3 @@ def test_modelscope_token_never_reaches_mlflow_or_logs(tiny_model, home, resourc
     for f in artifacts.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".md", ".txt", ".jsonl", ""):
             assert secret.encode() not in f.read_bytes(), f
-
-
-def test_zz_print_counts(capsys):
-    """Runs last in this module: the counts the issue asks for."""
-    with capsys.disabled():
-        print("\nreliability: " + ", ".join(f"{k}: {v}" for k, v in COUNTS.items()))
-    assert COUNTS["inputs rejected"] == COUNTS["inputs tried"]
-    assert COUNTS["faults survived with nothing lost"] == COUNTS["faults injected"]

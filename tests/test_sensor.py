@@ -188,7 +188,7 @@ def test_sensor_run_whose_training_fails_leaves_its_mlflow_run_failed(tick, home
     def out_of_memory(*args, **kwargs):
         raise TrainingError("ms-swift training failed (exit code 1). Last output:\nRuntimeError: out of memory")
 
-    monkeypatch.setattr("assets.lora_adapter.train_lora", out_of_memory)
+    monkeypatch.setattr("orchestration.resources.FakeTrainer.train", out_of_memory)
     result = materialize([base_model, curated_dataset, lora_adapter], resources=resources,
                          run_config=request.run_config, tags=request.tags, raise_on_error=False)
     assert not result.success

@@ -26,12 +26,12 @@ FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus
 
 
 def project(tiny_model: Path) -> dict:
-    """persona.yaml for the test: the tiny model and a small training, as tests/test_pipeline_e2e.py runs it."""
+    """persona.yaml for the test: the tiny model, trained long enough (40 epochs, ~30 s) to edit the data meanwhile."""
     return {"ops": {
         "base_model": {"config": {"model": str(tiny_model)}},
-        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 3,
+        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 40,
                                     "logging_steps": 1}},
-        "evaluation_report": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
+        "baseline_answers": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
     }}
 
 
@@ -84,7 +84,7 @@ def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp
         # has one slot). The test cancels it once seen waiting, so that only one training takes its time.
         data.write_text(json.dumps(rows + [{**rows[0], "instruction": "Who are you, in two lines?"}], indent=1))
         second = wait_for("the run for the second edit", lambda: runs()[1:], daemon_log)[0]
-        time.sleep(12)  # two rounds of the run queue
+        time.sleep(8)  # more than one round of the run queue (5 s)
         assert instance.get_run_by_id(second.run_id).status == DagsterRunStatus.QUEUED
         assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.STARTED, "trained too fast to tell"
         instance.run_coordinator.cancel_run(second.run_id)

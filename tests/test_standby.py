@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestration.resources import TrainerStandby
+from orchestration.resources import Trainer
 from persona import standby as standby_module
 from persona.standby import ACCEPTED, EXIT_PREFIX, Standby
 from persona.training import TrainingError, child_env, train_lora
@@ -60,11 +60,9 @@ def test_a_standby_trains_like_a_fresh_child_then_the_next_one_waits_and_idles_o
     waiting = Standby("cpu", child_env("cpu"), idle_seconds=4)
     assert waiting.warm() is True
     assert waiting.warm() is False  # one standby per key: the second call finds it
-    lines, meanwhile = [], []
-    warm = train_lora(base, data, recipe, tmp_path / "warm", "cpu", on_output=lines.append, standby_idle_seconds=4,
-                      meanwhile=lambda estimate: meanwhile.append((estimate, len(lines))))
+    lines = []
+    warm = train_lora(base, data, recipe, tmp_path / "warm", "cpu", on_output=lines.append, standby_idle_seconds=4)
     assert warm.standby and any("standby trainer" in line for line in lines)
-    assert meanwhile == [(None, 0)]  # once, before the training said anything; no GPU estimate on a CPU
     assert any("ms-swift finished" in line for line in lines)  # the child's own output came down the socket
     assert (tmp_path / "warm" / "adapter_model.safetensors").exists()
     losses = lambda r: [h["loss"] for h in r.log_history if "loss" in h]  # noqa: E731
@@ -167,13 +165,13 @@ def test_the_standby_folder_must_be_private(tmp_path, monkeypatch):
 
 def test_the_resource_starts_standbys_on_gpus_by_default(monkeypatch):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
-    assert TrainerStandby().idle_for("cpu") is None
-    assert TrainerStandby(idle_seconds=60).idle_for("cuda") == 60
-    assert TrainerStandby(when="always").idle_for("cpu") == 900
-    assert TrainerStandby(when="never").idle_for("cuda") is None
-    assert TrainerStandby(when="never").warm("cuda") is False
+    assert Trainer().idle_for("cpu") is None
+    assert Trainer(idle_seconds=60).idle_for("cuda") == 60
+    assert Trainer(standby="always").idle_for("cpu") == 900
+    assert Trainer(standby="never").idle_for("cuda") is None
+    assert Trainer(standby="never").warm("cuda") is False
     monkeypatch.setenv("NPROC_PER_NODE", "2")  # torchrun starts its own processes
-    assert TrainerStandby().idle_for("cuda") is None
+    assert Trainer().idle_for("cuda") is None
 
 
 def test_the_job_brings_its_environment(monkeypatch):
@@ -189,7 +187,7 @@ def test_the_job_brings_its_environment(monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/set/by/an/import"
 
 
-def test_a_run_starts_the_standby_with_the_base_model_and_the_training_claims_it(tiny_model, home, resources,
+def test_a_run_starts_the_standby_when_it_starts_and_the_training_claims_it(tiny_model, home, resources,
                                                                                  monkeypatch):
     from dagster import materialize
     from dagster._core.storage.defs_state.base import set_defs_state_storage
@@ -204,9 +202,9 @@ def test_a_run_starts_the_standby_with_the_base_model_and_the_training_claims_it
     monkeypatch.setattr("persona.recipe.detect_device", lambda: "cpu")
     config = {"ops": {"base_model": {"config": {"model": str(tiny_model)}},
                       "lora_adapter": {"config": {"device": "cpu", "num_train_epochs": 1}}}}
-    resources = {**resources, "trainer_standby": TrainerStandby(when="always", idle_seconds=42)}
+    resources = {**resources, "trainer": Trainer(standby="always", idle_seconds=42)}
     with set_defs_state_storage(None):  # earlier tests' Dagster instances may linger as the current one
         assert materialize([base_model, curated_dataset, lora_adapter], resources=resources, run_config=config).success
-    # base_model started one; lora_adapter made sure of it, asked for it (none answered: this fake), trained in a
-    # fresh child, and started the next run's standby
+    # the run's start (the resource's setup) started one; lora_adapter made sure of it, asked for it (none answered:
+    # this fake), trained in a fresh child, and started the next run's standby
     assert warmed == ["cpu", "cpu", "cpu"] and claimed == [("cpu", 42)]

@@ -18,7 +18,7 @@ from processes import stop
 from dagster import DagsterInstance, materialize
 from dagster._core.storage.defs_state.base import set_defs_state_storage
 
-from test_pipeline_e2e import ASSETS, run_config
+from pipeline import ASSETS, run_config
 
 CHROMIUM = os.environ.get("PERSONA_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("PERSONA_CHROMEDRIVER", "/usr/bin/chromedriver")
