@@ -84,53 +84,6 @@ def trim_trainer_overhead() -> list[str]:
     return patched
 
 
-def profile_training_steps(out_dir: str, first: int = 20, count: int = 3) -> None:
-    """A diagnosis aid (PERSONA_TORCH_PROFILE=DIR): torch.profiler over optimizer steps first..first+count-1.
-
-    Writes DIR/torch_profile.txt: wall time per step, GPU kernel time and GPU-busy share (union of kernel intervals),
-    kernel count, and the top operators by CUDA and by CPU time.
-    """
-    import torch
-    from transformers import Trainer
-
-    original = Trainer.training_step
-    state = {"step": 0, "prof": None, "t0": None}
-
-    def training_step(self, *args, **kwargs):
-        state["step"] += 1
-        if state["step"] == first:
-            torch.cuda.synchronize()
-            state["prof"] = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-            state["prof"].__enter__()
-            state["t0"] = time.perf_counter()
-        out = original(self, *args, **kwargs)
-        if state["step"] == first + count - 1 and state["prof"] is not None:
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - state["t0"]
-            prof = state["prof"]
-            prof.__exit__(None, None, None)
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-            busy, end = 0.0, -1.0
-            for a, b in spans:
-                if b > end:
-                    busy += b - max(a, end)
-                    end = b
-            lines = [f"steps {first}..{first + count - 1}: wall {wall / count * 1e3:.1f} ms/step (includes the "
-                     f"optimizer steps between micro-batches), GPU busy {busy / 1e3 / count:.1f} ms/step, "
-                     f"{len(kernels) / count:.0f} kernels/step", ""]
-            table = prof.key_averages()
-            lines.append(table.table(sort_by="cuda_time_total", row_limit=25))
-            lines.append(table.table(sort_by="self_cpu_time_total", row_limit=25))
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            Path(out_dir, "torch_profile.txt").write_text("\n".join(lines))
-            state["prof"] = None
-        return out
-
-    Trainer.training_step = training_step
-
-
 def start_cuda(job: dict, local_rank: int) -> None:
     """Create this rank's CUDA context, then run the pre-flight check (raises PreflightError)."""
     import torch
@@ -223,22 +176,8 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
         patched = trim_trainer_overhead()
         if patched and rank == 0:
             print(f"[persona] trainer overhead trimmed: {', '.join(patched)}", flush=True)
-    if os.environ.get("PERSONA_TORCH_PROFILE") and rank == 0 and job["device"] != "cpu":
-        profile_training_steps(os.environ["PERSONA_TORCH_PROFILE"])
     started = time.time()
-    profile_to = os.environ.get("PERSONA_CPROFILE") if rank == 0 else None
-    if profile_to:  # a diagnosis aid: where the trainer's CPU time goes
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        out = profiler.runcall(sft_main, SftArguments(**args))
-        with open(profile_to, "w") as fh:
-            stats = pstats.Stats(profiler, stream=fh)
-            stats.sort_stats("tottime").print_stats(45)
-            stats.sort_stats("cumulative").print_stats(70)
-    else:
-        out = sft_main(SftArguments(**args))
+    out = sft_main(SftArguments(**args))
     wall = time.time() - started
     mark("ms-swift finished")
     peak = max_over_ranks(peak_memory_gib(job["device"]))

@@ -185,7 +185,9 @@ def kill_worker_when_training(sig: int, stop: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL (OOM killer)", "SIGSEGV (native crash)"])
-def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources, real_trainer, sig):
+def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources,
+                                                                           real_trainer, sig):
+    fake = resources
     resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1
     (home / "data" / "self_cognition.json").write_text(dump(GOOD + [{"instruction": "New?", "output": "Yes."}]))
@@ -206,8 +208,8 @@ def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(tra
     assert {k: v for k, v in after["files"].items() if "adapters" in k} == \
         {k: v for k, v in trained["files"].items() if "adapters" in k}  # no half-written adapter
     assert after["champion"] == trained["champion"] and after["partials"] == []
-    again = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
-    assert again.success  # the next run starts clean
+    again = materialize(ASSETS, resources=fake, run_config=run_config(tiny_model))
+    assert again.success  # the next run starts clean (what it trains with does not matter here)
     COUNTS["faults survived with nothing lost"] += 1
 
 
