@@ -35,7 +35,6 @@ class Recipe:
     padding_free: bool = False               # needs a flash attention implementation (ms-swift checks)
     use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
-    fused_lora: bool = False                 # persona.fused_lora: PEFT's LoRA math as one autograd node per layer
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
     # Replay rows (the base model's own answers to general prompts): 0 learns them as plain targets; > 0 trains them
     # to keep the base model's next-token distribution instead, KL(base || adapter) x this weight (persona.distill).
@@ -97,16 +96,15 @@ SEED_GPU = Recipe(
 # the CPU, and each Triton launch costs more CPU time than the few PyTorch kernels it replaces. Measured in
 # BENCHMARKS.md.
 #
-# The step is bound by the CPU issuing kernels (a 7B step is ~10,000 kernels for ~160 ms of GPU work), so two more
-# knobs cut CPU time per step without changing the math: PyTorch's cuDNN attention backend costs ~1 ms of CPU per
-# call (84 calls per step with checkpointing) against ~0.05 ms for the flash / memory-efficient kernels, and
-# persona.fused_lora runs each LoRA layer as one autograd node. BENCHMARKS.md has the ablation.
+# The step is bound by the CPU issuing kernels (a 7B step is ~10,000 kernels for ~160 ms of GPU work), so one more
+# knob cuts CPU time per step without changing the math: PyTorch's cuDNN attention backend costs ~1 ms of CPU per
+# call (84 calls per step with checkpointing) against ~0.05 ms for the flash / memory-efficient kernels.
+# BENCHMARKS.md has the ablation (and the 2026-12-03 A/B that removed the fused LoRA layers: no gain).
 FAST_GPU = replace(
     SEED_GPU,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=1,
     use_liger_kernel=True,
-    fused_lora=True,
     cudnn_attention=False,
 )
 

@@ -48,42 +48,6 @@ def max_over_ranks(value: float) -> float:
         return value
 
 
-def trim_trainer_overhead() -> list[str]:
-    """Per-step CPU work in transformers' Trainer that LoRA on a GPU does not need.
-
-    A 7B LoRA step with 16 short samples is bound by the CPU issuing ~8,000 kernels, so Python work per step
-    shows in the wall time. Every micro-step the Trainer counts FLOPs for `total_flos` by walking every module and
-    parameter of the model (~2,300 modules with LoRA adapters), a metric persona never reads: skipped. Nothing
-    that is optimized or logged by persona changes. PERSONA_NO_TRAINER_PATCHES=1 keeps the Trainer as it is.
-    Returns the names of what was patched.
-    """
-    if os.environ.get("PERSONA_NO_TRAINER_PATCHES"):
-        return []
-    try:
-        from transformers import Trainer
-    except Exception:
-        return []
-    Trainer.floating_point_ops = lambda self, inputs: 0
-    patched = ["Trainer.floating_point_ops"]
-    original_clip = getattr(Trainer, "_clip_grad_norm", None)
-    if original_clip is not None:
-        # Every optimizer step the Trainer hands `model.parameters()` to the gradient clipping, a walk over every
-        # module and all 7B frozen parameters, to clip the few hundred LoRA gradients. The frozen ones have no
-        # gradient, so the trainable list (taken once) gives the same norm and the same clipping.
-        def _clip_grad_norm(self, model):
-            if getattr(self, "_has_mixed_mesh_grads", lambda m: False)(model):
-                return original_clip(self, model)
-            params = self.__dict__.get("_persona_trainable_parameters")
-            if params is None:
-                params = self.__dict__["_persona_trainable_parameters"] = [
-                    p for p in model.parameters() if p.requires_grad]
-            return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
-
-        Trainer._clip_grad_norm = _clip_grad_norm
-        patched.append("Trainer._clip_grad_norm")
-    return patched
-
-
 def start_cuda(job: dict, local_rank: int) -> None:
     """Create this rank's CUDA context, then run the pre-flight check (raises PreflightError)."""
     import torch
@@ -157,11 +121,6 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
     # ms-swift's loader defaults to trust_remote_code=True; persona never runs code shipped with weights.
     ModelLoader.default_trust_remote_code = False
 
-    if job.get("fused_lora"):
-        from persona import fused_lora
-
-        if fused_lora.enable() and rank == 0:
-            print("[persona] LoRA layers run as one fused autograd node each (persona.fused_lora)", flush=True)
     if job.get("replay_kl_weight"):
         from persona import distill
 
@@ -172,10 +131,6 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if job["device"] != "cpu":
-        patched = trim_trainer_overhead()
-        if patched and rank == 0:
-            print(f"[persona] trainer overhead trimmed: {', '.join(patched)}", flush=True)
     started = time.time()
     out = sft_main(SftArguments(**args))
     wall = time.time() - started

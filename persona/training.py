@@ -318,7 +318,7 @@ def train_lora(
         standby.warm()  # usually one is waiting (base_model started it); if not, it imports during the pre-flight
     with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
         job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
-               "world_size": world_size, "fused_lora": run_recipe.fused_lora,
+               "world_size": world_size,
                "cudnn_attention": run_recipe.cudnn_attention, "replay_kl_weight": run_recipe.replay_kl_weight,
                "cwd": os.getcwd()}  # (a standby was started elsewhere)
         if device != "cpu":

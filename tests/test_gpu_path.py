@@ -37,7 +37,7 @@ def base(path="/models/x", model_type="qwen2", template="qwen2_5", parameters=0)
 
 def test_cpu_default_uses_no_gpu_features():
     for recipe in (CPU_DEFAULT, CPU_SMALL):
-        assert not recipe.use_liger_kernel and not recipe.gradient_checkpointing and not recipe.fused_lora
+        assert not recipe.use_liger_kernel and not recipe.gradient_checkpointing
 
 
 def test_cpu_recipe_follows_the_model_size(monkeypatch):
@@ -312,47 +312,6 @@ def test_worker_preflight_writes_its_refusal(tmp_path, monkeypatch):
     assert "4.0 GiB free of 24.0 GiB" in refusal["message"]
     monkeypatch.setenv("PERSONA_SKIP_PREFLIGHT", "1")
     train_worker.run_preflight(job, 0)  # skipped: no error
-
-
-def test_trainer_patches_drop_the_flop_count_and_clip_the_same_gradients(monkeypatch):
-    import torch
-    from transformers import Trainer
-
-    from persona import train_worker
-
-    monkeypatch.setattr(Trainer, "floating_point_ops", Trainer.floating_point_ops)  # restored after the test
-    monkeypatch.setattr(Trainer, "_clip_grad_norm", Trainer._clip_grad_norm)
-    monkeypatch.setenv("PERSONA_NO_TRAINER_PATCHES", "1")
-    assert train_worker.trim_trainer_overhead() == []
-    monkeypatch.delenv("PERSONA_NO_TRAINER_PATCHES")
-    assert train_worker.trim_trainer_overhead() == ["Trainer.floating_point_ops", "Trainer._clip_grad_norm"]
-    assert Trainer.floating_point_ops(object(), {"input_ids": None}) == 0
-
-    # A frozen layer and a trainable one: the norm and the clipped gradients equal torch's over all parameters.
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    model[0].requires_grad_(False)
-    model(torch.randn(3, 4)).pow(2).sum().mul(100).backward()
-    expected_grads = [p.grad.clone() for p in model[1].parameters()]
-
-    class Accelerator:
-        seen = []
-
-        def clip_grad_norm_(self, params, max_norm):
-            params = list(params)
-            self.seen.append(params)
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    trainer = Trainer.__new__(Trainer)
-    trainer.__dict__.update(accelerator=Accelerator(), args=type("Args", (), {"max_grad_norm": 1.0})(),
-                            _mixed_mesh_grads=False)
-    norm = Trainer._clip_grad_norm(trainer, model)
-    assert torch.allclose(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in expected_grads])))
-    assert norm > 1.0
-    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model[1].parameters()]))
-    assert torch.allclose(clipped, torch.tensor(1.0), atol=1e-4)
-    assert [len(s) for s in Accelerator.seen] == [2]                  # the trainable parameters only
-    Trainer._clip_grad_norm(trainer, model)
-    assert Accelerator.seen[1][0] is Accelerator.seen[0][0]            # the list is taken once
 
 
 def test_replay_rows_add_their_logits_to_the_estimate_and_the_hints_offer_plain_targets(tmp_path):

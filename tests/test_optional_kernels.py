@@ -30,7 +30,6 @@ PLAIN_KNOBS = {
     "liger_kernels",            # which Liger kernels: used only with use_liger_kernel, which is in the table
     "use_logits_to_keep",       # ms-swift / transformers
     "dataloader_num_workers",   # torch
-    "fused_lora",               # persona.fused_lora: torch and peft
     "cudnn_attention",          # torch's SDPA backends
     "replay_kl_weight",         # persona.distill: torch
 }
@@ -119,7 +118,7 @@ def test_fast_recipe_without_liger_falls_back_with_one_warning(monkeypatch):
     kw = swift_arguments(base(), "/d", ran, "cuda", "/o")
     assert "use_liger_kernel" not in kw and "liger_kernel_config" not in kw
     # Everything else is the fast recipe's: same optimization.
-    assert ran == FAST_GPU.with_overrides(use_liger_kernel=False) and ran.fused_lora and not ran.cudnn_attention
+    assert ran == FAST_GPU.with_overrides(use_liger_kernel=False) and not ran.cudnn_attention
     lines = []
     assert available_recipe(FAST_GPU, warn=lines.append) == ran and len(lines) == 1  # a logger instead
     assert available_recipe(ran, warn=lines.append) is ran and len(lines) == 1         # nothing left to warn about
@@ -191,5 +190,5 @@ def test_train_lora_falls_back_before_the_child_starts(tmp_path, monkeypatch):
     assert [line for line in output if "warning" in line] == [f"[persona] warning: {ours[0].message}"]
     job = json.loads(copy.read_text())
     assert "use_liger_kernel" not in job["swift_args"] and job["swift_args"]["per_device_train_batch_size"] == 16
-    assert job["fused_lora"] is True and job["cudnn_attention"] is False
+    assert job["cudnn_attention"] is False
     assert not (tmp_path / "adapter").exists()
