@@ -10,11 +10,10 @@ another device than the baseline was decoded with).
 """
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
-
-from dataclasses import replace
 
 from assets.baseline_answers import BaselineAnswers
 from assets.lora_adapter import LoraAdapter

@@ -52,16 +52,6 @@ class Chat:
         end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = [i for i in {self.tok.eos_token_id, end} if isinstance(i, int) and i >= 0]
 
-    def attach_adapter(self, adapter_dir: str) -> None:
-        """Put a LoRA adapter on the loaded base model: the same model as `Chat(model_dir, adapter_dir, ...)`, without
-        loading the base weights again."""
-        from peft import PeftModel
-
-        if self.has_adapter:
-            raise ValueError(f"this model already has an adapter; load {self.model_dir} again for {adapter_dir}")
-        self.model = PeftModel.from_pretrained(self.model, adapter_dir).to(self.device).eval()
-        self.has_adapter = True
-
     def prompt(self, question: str, history: Iterable[dict] = (), system: str | None = None) -> str:
         msgs = [{"role": "system", "content": system or self.system}, *history, {"role": "user", "content": question}]
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
