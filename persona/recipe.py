@@ -122,6 +122,11 @@ FAST_GPU = replace(
 #   identity then slips under adversarial questions (0.83). KL x 2 keeps 148 (94.9 %) with identity and adversarial 1.00.
 # Two samples in one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
 # torch_dtype "auto" is bf16 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), fp32 elsewhere (cpu_dtype).
+# use_logits_to_keep off: ms-swift's default hands the output layer a slice of the hidden states (the positions from
+# the first answer token on), and on a CPU PyTorch multiplies a non-contiguous slice by a frozen weight one row at a
+# time, over a copy of the 152k-word output matrix per row (the decoding bug of BENCHMARKS.md "Decoding with an
+# adapter"). Computing all positions' logits is the same loss and 2.7x faster a step here (2.6 s -> ~0.95 s,
+# BENCHMARKS.md "CPU: the output layer in training").
 CPU_DEFAULT = Recipe(
     learning_rate=2e-4,
     num_train_epochs=2,
@@ -132,6 +137,7 @@ CPU_DEFAULT = Recipe(
     max_length=512,
     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
     replay_kl_weight=2.0,
+    use_logits_to_keep=False,
 )
 # SmolLM2-135M keeps the recipe it was measured with: all-linear, plain replay targets.
 CPU_SMALL = replace(CPU_DEFAULT, learning_rate=3e-3, num_train_epochs=2, target_modules=("all-linear",),
