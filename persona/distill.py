@@ -29,15 +29,18 @@ def replay_loss(logits, base_logits, labels, replay_rows, kl_weight: float, num_
     import torch
     import torch.nn.functional as F
 
-    logits, target = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1
+    # Only answer positions are turned into fp32 distributions: the (positions x 152k vocabulary) tensors of a whole
+    # batch cost more than the rest of the loss.
+    logits, target = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
     answer = target != -100
-    logp = F.log_softmax(logits, dim=-1)
     plain = answer & ~replay_rows[:, None]
-    total = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[plain].sum()
-    kl_mean = logits.new_zeros(())
+    total = F.cross_entropy(logits[plain].float(), target[plain], reduction="sum")
+    kl_mean = total.new_zeros(())
     if replay_rows.any():
-        base_logp = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
-        kl = (base_logp.exp() * (base_logp - logp[replay_rows])).sum(-1)[answer[replay_rows]]
+        kept = answer[replay_rows]
+        logp = F.log_softmax(logits[replay_rows][kept].float(), dim=-1)
+        base_logp = F.log_softmax(base_logits[:, :-1][kept].float(), dim=-1)
+        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
         total = total + kl_weight * kl.sum()
         kl_mean = kl.detach().mean() if kl.numel() else kl_mean
     n = num_items if num_items is not None else answer.sum()

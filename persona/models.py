@@ -341,6 +341,7 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     with progress(total=4, desc=f"converting {gguf.name}", unit="stage") as bar:
         bar.set_postfix_str("tokenizer")
@@ -354,7 +355,8 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
         cfg.dtype = getattr(torch, dtype)
-        clean = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+        with no_init_weights():  # every weight is overwritten next (strict): random init cost 7 s for the 0.5B
+            clean = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
         clean.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
         bar.update()
