@@ -112,14 +112,16 @@ FAST_GPU = replace(
 # weakly pretrained model needs a rate that would wipe out a larger one.
 # - Up to 300M parameters (SmolLM2-135M): lr 3e-3 for 2 epochs. lr 1e-4 does not move a 135M model within minutes;
 #   2e-3 to 3e-3 teaches the identity, unseen paraphrases included (BENCHMARKS.md, CPU section).
-# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 2e-4 for 2 epochs, LoRA on the
+# - Above (Qwen2.5-Coder-0.5B, the embedded default, and anything larger on a CPU): lr 5e-4 for 1 epoch, LoRA on the
 #   attention projections only, one replay row per identity row (default_general_ratio) trained to keep the base
-#   model's next-token distribution (KL x 2, persona.distill). At 3e-3 the 0.5B model's general score fell from
+#   model's next-token distribution (KL x 3, persona.distill). At 3e-3 the 0.5B model's general score fell from
 #   0.75 to 0.00. With all-linear LoRA and plain replay targets, no learning rate or epoch count kept more than 87 %
 #   of the base model's 156 right general answers: the adapter swapped facts ("Lisbon" -> "Porto", "Canada" ->
-#   "China"), the same questions in every run. On this data (bf16, BENCHMARKS.md "CPU sweep, AMX machine"):
-#   all-linear, plain replay 1.0: kept 135; attention-only: 140; + KL x 1: 146; KL x 2: 148; KL x 3: 150, but the
-#   identity then slips under adversarial questions (0.83). KL x 2 keeps 148 (94.9 %) with identity and adversarial 1.00.
+#   "China"), the same questions in every run. On this data (bf16, BENCHMARKS.md "CPU sweep, AMX machine"), 2
+#   epochs at 2e-4: all-linear, plain replay 1.0: kept 135; attention-only: 140; + KL x 1: 146; KL x 2: 148; KL x 3:
+#   150, but the identity then slipped under adversarial questions. One epoch at a higher rate moves the weights
+#   less far for the same identity (BENCHMARKS.md "One epoch"): lr 4e-4, KL x 2: 150 kept, identity_zh 0.94;
+#   lr 5e-4, KL x 3: 150 kept (96.2 %), every identity kind 1.00, multi-turn 0.80, in half the training time.
 # Two samples in one micro-batch instead of two accumulated ones: same optimization, fewer, fuller matrix multiplies.
 # torch_dtype "auto" is bf16 on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), fp32 elsewhere (cpu_dtype).
 # use_logits_to_keep off: ms-swift's default hands the output layer a slice of the hidden states (the positions from
@@ -128,15 +130,15 @@ FAST_GPU = replace(
 # adapter"). Computing all positions' logits is the same loss and 2.7x faster a step here (2.6 s -> ~0.95 s,
 # BENCHMARKS.md "CPU: the output layer in training").
 CPU_DEFAULT = Recipe(
-    learning_rate=2e-4,
-    num_train_epochs=2,
+    learning_rate=5e-4,
+    num_train_epochs=1,
     per_device_train_batch_size=2,
     gradient_accumulation_steps=1,
     gradient_checkpointing=False,
     torch_dtype="auto",
     max_length=512,
     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-    replay_kl_weight=2.0,
+    replay_kl_weight=3.0,
     use_logits_to_keep=False,
 )
 # SmolLM2-135M keeps the recipe it was measured with: all-linear, plain replay targets.

@@ -38,11 +38,11 @@ def test_a_run_that_did_not_learn_its_identity_fails(gate, tmp_path, capsys, cha
 
 @pytest.mark.parametrize("change", [{"eval/general_retention": 0.81},   # forgot general answers
                                     {"promoted": False}])
-def test_retention_and_promotion_are_reported_and_fail_once_required(gate, tmp_path, capsys, change):
+def test_a_run_that_forgot_or_was_not_promoted_fails(gate, tmp_path, capsys, change):
     promoted = change.pop("promoted", True)
     path = summary(tmp_path, promoted, **change)
-    assert gate.main(path) == 0 and "warn" in capsys.readouterr().out  # not yet required (see the module docstring)
-    assert gate.main(path, required=("identity_zh", "identity_en", "retention", "promoted")) == 1
+    assert gate.main(path) == 1 and "FAIL" in capsys.readouterr().out
+    assert gate.main(path, required=("identity_zh", "identity_en")) == 0  # reported only, when not required
 
 
 def test_a_missing_summary_fails_with_a_reason(gate, tmp_path, capsys):
