@@ -65,7 +65,7 @@ def _print_report(result, took: float) -> None:
           f"general score: {s['eval/general_score_before']:.2f} → {s['eval/general_score_after']:.2f}")
     if "eval/general_retention" in s:
         print(f"general retention: kept {s['eval/general_kept']:.0f} of {s['eval/general_base_right']:.0f} "
-              f"base-right answers ({s['eval/general_retention']:.0%})")
+              f"base-right answers ({s['eval/general_retention']:.1%})")
     if "eval/general_identity_leak_after" in s:
         print(f"general answers stating the identity: {s['eval/general_identity_leak_before']:.0%} → "
               f"{s['eval/general_identity_leak_after']:.0%}")

@@ -333,12 +333,15 @@ def load_dataset(
                                     "answer with the new identity, or leave that name out"))
 
     held_out = [(normalize_question(q), q) for q in eval_questions]
-    for s in unique:
-        mine = normalize_question(s.question)
-        hit = next((q for key, q in held_out if _similar(mine, key)), None)
-        if hit is not None:
-            problems.append(Problem(s.file, s.line, f"training question {s.question!r} is (nearly) the evaluation probe {hit!r}",
-                                    "remove it from training or from the evaluation probes, so scores stay honest"))
+    for s in unique:  # every user turn, the history's too: a probe in a history is seen in training as well
+        for asked in [m["content"] for m in s.messages if m["role"] == "user"]:
+            mine = normalize_question(asked)
+            hit = next((q for key, q in held_out if _similar(mine, key)), None)
+            if hit is not None:
+                problems.append(Problem(s.file, s.line, f"training question {asked!r} is (nearly) the evaluation probe "
+                                        f"{hit!r}", "remove it from training or from the evaluation probes, so scores "
+                                        "stay honest"))
+                break
 
     if count_tokens is not None and max_length:
         for s in unique:

@@ -107,7 +107,7 @@ class Retention:
         return self.kept / self.base_right if self.base_right else float("nan")
 
     def __str__(self) -> str:
-        return f"kept {self.kept} of {self.base_right} base-right general answers ({self.share:.0%})"
+        return f"kept {self.kept} of {self.base_right} base-right general answers ({self.share:.1%})"
 
 
 def retention(base: Scores, adapter: Scores) -> Retention:

@@ -114,6 +114,13 @@ def test_near_exact_leak_of_an_evaluation_probe(tmp_path):
     assert "(nearly) the evaluation probe" in msg
 
 
+def test_a_probe_inside_a_history_is_a_leak_too(tmp_path):
+    data = rows(2) + [{"instruction": "And who made you?", "output": "x",
+                       "history": [["What is the capital of France?", "Paris."]]}]
+    (msg,), f = problems_of(tmp_path, "d.json", json.dumps(data), eval_questions=["What is the capital of France?"])
+    assert msg.startswith(f"{f}:1: training question 'What is the capital of France?' is (nearly) the evaluation probe")
+
+
 def test_identity_placeholders_follow_the_question_language(tmp_path):
     from persona.data import Identity
 

@@ -197,7 +197,7 @@ def test_general_retention_counts_kept_base_right_answers_and_lists_the_lost():
     m = metrics(results)
     assert m["eval/general_retention"] == 2 / 3 and m["eval/general_kept"] == 2 and m["eval/general_base_right"] == 3
     report = retention_report(results)
-    assert report.splitlines()[0] == "General retention: kept 2 of 3 base-right general answers (67%)."
+    assert report.splitlines()[0] == "General retention: kept 2 of 3 base-right general answers (66.7%)."
     assert report.splitlines()[1] == "- lost: 2+2? | base: 4 | adapter: 5"
 
 
