@@ -36,7 +36,7 @@ class CurationConfig(Config):
         "general prompts), 'hub' (ModelScope Alpaca datasets, as in the tutorials) or 'none'.",
     )
     general_ratio: Optional[float] = Field(default=None, description="General samples per identity sample; unset: "
-                                           "the recipe's (persona/recipe.py default_general_ratio: 1.0 for the CPU "
+                                           "the recipe's (persona/recipe.py default_general_ratio: 1.25 for the CPU "
                                            "recipe of models over 300M parameters, 0.5 elsewhere).")
     replay_prompts: str = Field(default="general_prompts.jsonl", description="Prompts for replay, inside the data folder.")
     replay_max_new_tokens: int = Field(default=48, description="Length limit of the base model's replay answers.")
@@ -73,6 +73,9 @@ class TrainingConfig(Config):
     warmup_ratio: Optional[float] = None
     logging_steps: Optional[int] = None
     seed: Optional[int] = None
+    loss_scale: Optional[str] = Field(default=None, description="Which answers are trained (ms-swift's loss_scale): "
+                                      "'last_round' (default: earlier turns are context) or 'default' (every "
+                                      "assistant turn).")
     replay_kl_weight: Optional[float] = Field(default=None, description="0 (default): replay rows are learned as "
                                               "plain targets; > 0: they keep the base model's next-token "
                                               "distribution instead (KL x this weight).")

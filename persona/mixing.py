@@ -38,10 +38,13 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def pick(items: list, n: int, seed: int) -> list:
-    """A deterministic sample of n items, in a stable order."""
+    """A deterministic sample of n items: the first n of one seeded shuffle, so a larger n keeps every item a
+    smaller one picked (adding identity rows adds replay rows; it does not draw a new set)."""
     if n >= len(items):
         return list(items)
-    return random.Random(seed).sample(items, n)
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order[:n]
 
 
 def pick_by_language(prompts: list[str], wanted: dict[str, int], seed: int) -> list[str]:

@@ -142,6 +142,7 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         warmup_ratio=recipe.warmup_ratio,
         logging_steps=recipe.logging_steps,
         seed=recipe.seed,
+        loss_scale=recipe.loss_scale,
         output_dir=output_dir,
         add_version=False,
         create_checkpoint_symlink=False,

@@ -51,8 +51,8 @@ def test_cpu_recipe_follows_the_model_size(monkeypatch):
     # above 300M: attention-only LoRA, replay rows kept close to the base model (KL x 3); SmolLM2 as measured
     assert default.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and default.replay_kl_weight == 3.0
     assert small.target_modules == ("all-linear",) and small.replay_kl_weight == 0.0
-    # and one replay row per identity row where that recipe trains, half a row elsewhere
-    assert [default_general_ratio("cpu", n) for n in (smollm, qwen_05b, qwen_7b, None)] == [0.5, 1.0, 1.0, 1.0]
+    # and 1.25 replay rows per identity row where that recipe trains, half a row elsewhere
+    assert [default_general_ratio("cpu", n) for n in (smollm, qwen_05b, qwen_7b, None)] == [0.5, 1.25, 1.25, 1.25]
     assert {default_general_ratio("cuda", n) for n in (smollm, qwen_05b, qwen_7b, None)} == {0.5}
     assert large == default and default_recipe("cpu") == default  # unknown size: the embedded default's recipe
     assert default_recipe("cpu", parameters=SMALL_MODEL_PARAMETERS) == small
@@ -155,6 +155,7 @@ def test_swift_arguments_seed_and_cpu():
     assert cpu["use_cpu"] is True and "use_liger_kernel" not in cpu and "model_type" not in cpu
     # a frozen output layer fed a non-contiguous slice is slow on a CPU (BENCHMARKS.md)
     assert cpu["use_logits_to_keep"] is False and "use_logits_to_keep" not in seed
+    assert cpu["loss_scale"] == seed["loss_scale"] == "last_round"  # a row's history is context, not a target
     workers = swift_arguments(base(), "/d", FAST_GPU.with_overrides(dataloader_num_workers=2), "cuda", "/o")
     assert workers["dataloader_persistent_workers"] is True
     flash = swift_arguments(base(), "/d", FAST_GPU.with_overrides(attn_impl="flash_attn", padding_free=True,

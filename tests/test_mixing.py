@@ -63,6 +63,7 @@ def test_pick_is_deterministic():
     items = list(range(100))
     assert mixing.pick(items, 5, 7) == mixing.pick(items, 5, 7) != mixing.pick(items, 5, 8)
     assert mixing.pick(items, 500, 7) == items
+    assert mixing.pick(items, 12, 7)[:5] == mixing.pick(items, 5, 7)  # more rows keep the ones already drawn
 
 
 def test_replay_prompts_follow_the_identity_data_languages():
