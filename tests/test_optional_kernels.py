@@ -27,6 +27,7 @@ PLAIN_KNOBS = {
     "learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "gradient_checkpointing", "torch_dtype", "lora_rank", "lora_alpha", "target_modules", "max_length", "system",
     "warmup_ratio", "logging_steps", "seed", "lora_dropout",
+    "loss_scale",               # ms-swift
     "liger_kernels",            # which Liger kernels: used only with use_liger_kernel, which is in the table
     "use_logits_to_keep",       # ms-swift / transformers
     "dataloader_num_workers",   # torch
