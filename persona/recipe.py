@@ -133,8 +133,8 @@ FAST_GPU = replace(
 # use_logits_to_keep off: ms-swift's default hands the output layer a slice of the hidden states (the positions from
 # the first answer token on), and on a CPU PyTorch multiplies a non-contiguous slice by a frozen weight one row at a
 # time, over a copy of the 152k-word output matrix per row (the decoding bug of BENCHMARKS.md "Decoding with an
-# adapter"). Computing all positions' logits is the same loss and 2.7x faster a step here (2.6 s -> ~0.95 s,
-# BENCHMARKS.md "CPU: the output layer in training").
+# adapter"). Computing all positions' logits is the same loss and 2.5x faster a step here (3.04 s -> 1.21 s,
+# bench/bench_cpu_step.py, BENCHMARKS.md "CPU: the output layer in training").
 CPU_DEFAULT = Recipe(
     learning_rate=5e-4,
     num_train_epochs=1,
