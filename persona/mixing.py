@@ -67,12 +67,24 @@ def pick_by_language(prompts: list[str], wanted: dict[str, int], seed: int) -> l
     return chosen
 
 
+# The replay prompts are short and their answers capped, so a decoding step costs about the same for 16 rows as for
+# 128, on a CPU too: 94 prompts took 46 s in batches of 16 and 18 s in one (BENCHMARKS "Replay answers in one batch").
+REPLAY_BATCH_SIZE = 128
+
+
+def replay_cache_file(cache_dir: Path, base: BaseModel, prompts: list[str], system: str, max_new_tokens: int,
+                      batch_size: int) -> Path:
+    """Where the replay answers for these settings are kept. The batch size is in the key: in bf16, the padding of
+    a batch can change a greedy answer."""
+    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens, batch_size]).encode())
+    return Path(cache_dir) / f"replay-{key.hexdigest()[:16]}.jsonl"
+
+
 def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str | None = None,
-                   max_new_tokens: int = 96, batch_size: int = 16, log=print) -> list[Sample]:
+                   max_new_tokens: int = 96, batch_size: int = REPLAY_BATCH_SIZE, log=print) -> list[Sample]:
     """The base model's own greedy answers to `prompts`, as training samples (cached). `device`: where to decode
     them on a cache miss (default: the GPU if there is one)."""
-    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens]).encode()).hexdigest()
-    cache = Path(cache_dir) / f"replay-{key[:16]}.jsonl"
+    cache = replay_cache_file(cache_dir, base, prompts, system, max_new_tokens, batch_size)
     if cache.exists():
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
         log(f"replay: {len(rows)} cached answers from {cache}")

@@ -4,6 +4,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from persona import models
@@ -96,3 +97,22 @@ def test_the_installed_wheels_match_the_pinned_parts():
             assert path.stat().st_size == part.size, part.distribution
             assert part.module not in sys.modules
     assert sum(p.size for p in models.QWEN_CODER_05B.parts) == 491_400_064
+
+
+def test_provenance_comes_from_the_gguf_metadata(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("Tiny Qwen")
+    writer.add_license("apache-2.0")
+    writer.add_file_type(15)
+    writer.add_token_list([f"t{i}" for i in range(50)])  # an array the provenance skips
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype="float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert models.gguf_provenance(path) == {"name": "Tiny Qwen", "architecture": "qwen2", "license": "apache-2.0",
+                                            "file_type": 15}
+    path.write_bytes(b"not a gguf")
+    assert models.gguf_provenance(path) == {}

@@ -25,10 +25,8 @@ def test_replay_drops_answers_that_name_the_base_model(tmp_path, tiny_model):
     base = from_local_dir(str(tiny_model))
     base = base.__class__(**{**base.__dict__, "own_identity": ("SmolLM",)})
     key_rows = [{"prompt": "hi", "answer": "I am SmolLM."}, {"prompt": "2+2?", "answer": "4"}]
-    import hashlib
-
-    key = hashlib.sha256(json.dumps([base.weights_sha256, ["hi", "2+2?"], "s", 8]).encode()).hexdigest()
-    (tmp_path / f"replay-{key[:16]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in key_rows))
+    cache = mixing.replay_cache_file(tmp_path, base, ["hi", "2+2?"], "s", 8, mixing.REPLAY_BATCH_SIZE)
+    cache.write_text("".join(json.dumps(r) + "\n" for r in key_rows))
     samples = mixing.replay_samples(base, ["hi", "2+2?"], tmp_path, "s", "cpu", max_new_tokens=8)
     assert [s.answer for s in samples] == ["4"]
 
@@ -74,3 +72,11 @@ def test_replay_prompts_follow_the_identity_data_languages():
     # more Chinese wanted than the prompt set has: all of them, the rest from the other language
     chosen = mixing.pick_by_language(prompts, {"zh": 6, "en": 1}, seed=1)
     assert sum("问题" in p for p in chosen) == 4 and len(chosen) == 7 and len(set(chosen)) == 7
+
+
+def test_replay_cache_is_keyed_by_what_changes_the_answers(tmp_path, tiny_model):
+    base = from_local_dir(str(tiny_model))
+    files = {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", 48, bs) for bs in (16, 128)}
+    files |= {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", n, 16) for n in (48, 96)}
+    files |= {mixing.replay_cache_file(tmp_path, base, p, "s", 48, 16) for p in (["hi"], ["hi", "2+2?"])}
+    assert len(files) == 4  # batch size, length limit and prompts each give their own file
