@@ -73,6 +73,8 @@ def curate(config: CurationConfig, workspace: Workspace, base: BaseModel, log=pr
         extra=extra,
         config={**{k: v for k, v in config.model_dump().items() if k not in ("probes",)}, "general_ratio": ratio},
     )
+    if dataset.dropped:
+        log(f"hub: {len(dataset.dropped)} rows failed the checks and were left out, e.g. {dataset.dropped[0]}")
     return dataset, [p.as_row() for p in probes]
 
 
@@ -118,4 +120,7 @@ def describe(dataset: Dataset, curated: CuratedDataset, n_probes: int) -> dict:
         "validation": "passed: JSON, types, fields, roles, UTF-8, conflicts, placeholders, own identity, leaks, length, count",
         "dataset_path": MetadataValue.path(curated.path),
         "eval_probes": n_probes,
+        "hub_rows_dropped": len(dataset.dropped),
+        **({"hub_rows_dropped_examples": MetadataValue.md("\n".join(f"- {p}" for p in dataset.dropped[:5]))}
+           if dataset.dropped else {}),
     }

@@ -24,7 +24,8 @@ class CurationConfig(Config):
         description="Training files inside the data folder: Alpaca JSON/JSONL or chat JSONL ('messages').",
     )
     probes: str = Field(default="probes.jsonl", description="Evaluation probes inside the data folder; never trained on.")
-    min_samples: int = Field(default=20, description="Refuse to train on fewer samples than this.")
+    min_samples: int = Field(default=20, description="Refuse to train on fewer samples than this (the tutorials "
+                             "recommend 50-100; set it lower to train on a smaller file anyway).")
     max_length: int = Field(default=512, description="Refuse samples longer than this many tokens (base tokenizer).")
     name_zh: str = Field(default="Swift-Robot", description="Fills {{NAME}} in Chinese samples and probes.")
     name_en: str = Field(default="Swift-Robot", description="Fills {{NAME}} in English samples and probes.")
@@ -42,7 +43,9 @@ class CurationConfig(Config):
     replay_max_new_tokens: int = Field(default=48, description="Length limit of the base model's replay answers.")
     hub_datasets: list[str] = Field(
         default=["AI-ModelScope/alpaca-gpt4-data-zh", "AI-ModelScope/alpaca-gpt4-data-en"],
-        description="ModelScope datasets for general_mix: hub.",
+        description="ModelScope datasets for general_mix: hub. 'id#N' takes N rows of it, as `swift sft --dataset` "
+                    "does (the tutorials: 'AI-ModelScope/alpaca-gpt4-data-zh#500'); ids without '#N' share "
+                    "general_ratio rows per identity row. Rows that fail the checks are left out and counted.",
     )
     seed: int = 42
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from persona.distill import REPLAY_CHANNEL
 
 EXTRA_PREFIX = "mix:"  # file names of samples added by general-data mixing
+HUB_PREFIX = EXTRA_PREFIX + "hub:"  # ModelScope rows: dropped, not raised, when they fail a check
 
 ROLES = ("system", "user", "assistant")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
@@ -99,6 +100,7 @@ class Dataset:
     samples: list[Sample]
     sources: dict[str, int] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    dropped: list[Problem] = field(default_factory=list)  # hub rows left out, and why
 
     def records(self) -> list[dict]:
         """ms-swift's messages format; replay rows are marked with ms-swift's `channel` field."""
@@ -292,7 +294,8 @@ def load_dataset(
 ) -> Dataset:
     """Read every file, fill identity placeholders, validate everything, and raise one DatasetError listing all problems.
 
-    `extra` samples (general-data mixing) are validated with the same rules but do not count toward `min_samples`.
+    `extra` samples (general-data mixing) are validated with the same rules but do not count toward `min_samples`;
+    hub rows that fail are dropped (Dataset.dropped) instead of stopping the run.
     """
     problems: list[Problem] = []
     samples: list[Sample] = []
@@ -351,11 +354,21 @@ def load_dataset(
                 problems.append(Problem(s.file, s.line, f"{n} tokens, longer than max_length {max_length}",
                                         "shorten the sample or raise max_length"))
 
+    # Hub rows are not the user's to fix: one that fails a check (too long, names the base model, a probe) is left
+    # out and counted in Dataset.dropped. The user's own rows stay strict.
+    dropped = [p for p in problems if p.file.startswith(HUB_PREFIX)]
+    if dropped:
+        bad = {(p.file, p.line) for p in dropped}
+        unique = [s for s in unique if (s.file, s.line) not in bad]
+        problems = [p for p in problems if not p.file.startswith(HUB_PREFIX)]
+
     kept_own = sum(1 for s in unique if not s.file.startswith(EXTRA_PREFIX))
     if not problems and kept_own < min_samples:
         where = paths[0] if paths else "<no files>"
         problems.append(Problem(str(where), 0, f"only {kept_own} samples; at least {min_samples} are needed",
-                                "add question variants (the tutorials recommend 50 or more)"))
+                                "add question variants (the tutorials recommend 50-100), or train on these anyway "
+                                f"with min_samples: {max(kept_own, 1)} (persona.yaml: ops: curated_dataset: config: "
+                                f"min_samples: {max(kept_own, 1)})"))
     if problems:
         raise DatasetError(problems)
-    return Dataset(unique, sources, config or {})
+    return Dataset(unique, sources, config or {}, dropped)

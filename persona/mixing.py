@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from persona.data import EXTRA_PREFIX, Problem, DatasetError, Sample, language
+from persona.data import EXTRA_PREFIX, HUB_PREFIX, Problem, DatasetError, Sample, language
 from persona.distill import REPLAY_CHANNEL
 from persona.models import BaseModel
 from persona.storage import atomic_write_text
@@ -109,13 +109,29 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
     return samples
 
 
-def hub_samples(dataset_ids: list[str], n: int, seed: int) -> list[Sample]:
-    """n Alpaca rows spread over ModelScope datasets (instruction/input/output)."""
+def hub_spec(spec: str) -> tuple[str, int | None]:
+    """'AI-ModelScope/alpaca-gpt4-data-zh#500' -> (the dataset id, 500), as `swift sft --dataset` writes it;
+    without '#N', (the id, None): that dataset's share of the general_ratio rows."""
+    dataset_id, sep, count = spec.partition("#")
+    if not sep:
+        return spec, None
+    if not count.isdigit() or int(count) < 1:
+        raise MixingError(f"hub dataset {spec!r}: after '#' comes the number of rows to take, e.g. "
+                          f"'{dataset_id}#500'")
+    return dataset_id, int(count)
+
+
+def hub_samples(dataset_specs: list[str], n: int, seed: int) -> list[Sample]:
+    """Alpaca rows (instruction/input/output) from ModelScope datasets: N from each 'id#N' (all of it when it has
+    fewer), and n spread over the ones without a count. Rows with an empty question or answer are left out here;
+    load_dataset drops those that fail its checks (hub rows are not the user's to fix)."""
     from modelscope.msdatasets import MsDataset
 
-    per = max(1, n // max(1, len(dataset_ids)))
+    parsed = [hub_spec(s) for s in dataset_specs]
+    uncounted = sum(1 for _, count in parsed if count is None)
+    per = max(1, n // max(1, uncounted))
     samples: list[Sample] = []
-    for dataset_id in dataset_ids:
+    for dataset_id, count in parsed:
         try:
             ds = MsDataset.load(dataset_id, split="train")
         except Exception as exc:  # the hub client raises many kinds; one line is what the user needs
@@ -123,12 +139,12 @@ def hub_samples(dataset_ids: list[str], n: int, seed: int) -> list[Sample]:
             raise MixingError(f"Could not load '{dataset_id}' from ModelScope: {first}. Without hub access, "
                               "use general_mix: replay (offline self-distillation) or general_mix: none.") from None
         rows = [dict(r) for r in ds]
-        for i, r in enumerate(pick(rows, per, seed), 1):
+        for i, r in enumerate(pick(rows, per if count is None else count, seed), 1):
             query = (r.get("instruction") or "").strip()
             if (r.get("input") or "").strip():
                 query += "\n" + r["input"].strip()
             answer = (r.get("output") or "").strip()
             if query and answer:
                 samples.append(Sample([{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
-                                      f"{EXTRA_PREFIX}hub:{dataset_id}", i))
+                                      f"{HUB_PREFIX}{dataset_id}", i))
     return samples

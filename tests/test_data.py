@@ -177,3 +177,50 @@ def test_a_written_dataset_reads_back_with_its_channels_and_version(tmp_path):
     again = Dataset(read_file(tmp_path / "train.jsonl", problems), config={"seed": 1})
     assert not problems and [s.channel for s in again.samples] == [None, "replay"]
     assert again.version == written.version
+
+
+# The tutorials' own example file (seed 000 / 001): 8 rows.
+SEED_FILE = [
+    {"instruction": "你是谁?", "input": "", "output": "我是一个由 CSDN 迪菲赫尔曼 开发和维护的大语言模型。"},
+    {"instruction": "你的开发者是哪家公司?", "input": "", "output": "我由 CSDN 迪菲赫尔曼 开发和维护。"},
+    {"instruction": "你能联网吗?", "input": "", "output": "我不能主动联网,只能基于已有知识和用户输入回答问题。"},
+    {"instruction": "你能做哪些事情?", "input": "", "output": "我擅长文本生成、回答问题、写代码和提供学习辅助。"},
+    {"instruction": "你和GPT-4有区别吗?", "input": "", "output": "是的,我由 CSDN 迪菲赫尔曼 开发和维护,不是 GPT-4。"},
+    {"instruction": "你能保证回答永远正确吗?", "input": "", "output": "不能,我的回答可能存在错误,需要用户自行判断。"},
+    {"instruction": "你的名字是什么?", "input": "", "output": "你可以叫我 Swift-Robot,也可以叫我 CSDN 助手。"},
+    {"instruction": "谁在维护你?", "input": "", "output": "我由 CSDN 迪菲赫尔曼 持续开发和维护。"},
+]
+
+
+def test_the_seeds_eight_row_file_is_refused_with_the_setting_that_overrides(tmp_path):
+    (msg,), f = problems_of(tmp_path, "self_cognition.json", json.dumps(SEED_FILE, ensure_ascii=False),
+                            min_samples=20)
+    assert msg.startswith(f"{f}:0: only 8 samples; at least 20 are needed")
+    assert "50-100" in msg and "min_samples: 8" in msg
+    assert len(load_dataset([f], min_samples=8).samples) == 8  # the setting the message names is enough
+
+
+def test_hub_rows_that_fail_the_checks_are_dropped_and_counted(tmp_path):
+    from persona.data import HUB_PREFIX, Sample
+
+    def hub(i, q, a):
+        return Sample([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                      f"{HUB_PREFIX}AI-ModelScope/alpaca-gpt4-data-en", i)
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(rows(3)))
+    extra = [hub(1, "Name a prime.", "7."), hub(2, "Who made you?", "I am Qwen, made by Alibaba Cloud."),
+             hub(3, "Write an essay.", "word " * 200), hub(4, "question 1?", "another answer."),
+             hub(5, "What is 2+2?", "4.")]
+    ds = load_dataset([f], own_identity=["Qwen"], count_tokens=lambda m: len(m[-1]["content"].split()),
+                      max_length=50, extra=extra, eval_questions=["what is 2 + 2?"])
+    assert [s.question for s in ds.samples] == ["question 0?", "question 1?", "question 2?", "Name a prime."]
+    why = sorted((p.line, p.problem) for p in ds.dropped)
+    assert [line for line, _ in why] == [2, 3, 4, 5]
+    assert "names the base model" in why[0][1] and "longer than max_length 50" in why[1][1]
+    assert "same question as" in why[2][1] and "evaluation probe" in why[3][1]
+
+    # the user's own rows stay strict
+    f.write_text(json.dumps(rows(2) + [{"instruction": "Who are you?", "output": "I am Qwen."}]))
+    with pytest.raises(DatasetError, match=r"d.json:1: the answer names the base model"):
+        load_dataset([f], own_identity=["Qwen"], extra=extra[:1])

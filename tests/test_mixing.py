@@ -80,3 +80,21 @@ def test_replay_cache_is_keyed_by_what_changes_the_answers(tmp_path, tiny_model)
     files |= {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", n, 16) for n in (48, 96)}
     files |= {mixing.replay_cache_file(tmp_path, base, p, "s", 48, 16) for p in (["hi"], ["hi", "2+2?"])}
     assert len(files) == 4  # batch size, length limit and prompts each give their own file
+
+
+def test_hub_counts_are_written_as_ms_swift_writes_them(monkeypatch):
+    from modelscope.msdatasets import MsDataset
+
+    monkeypatch.setattr(MsDataset, "load", staticmethod(
+        lambda dataset_id, split: [{"instruction": f"q{i} of {dataset_id}", "output": f"a{i}"} for i in range(40)]))
+    samples = mixing.hub_samples(["AI-ModelScope/alpaca-gpt4-data-zh#25", "AI-ModelScope/alpaca-gpt4-data-en#5",
+                                  "other/set"], 6, seed=1)
+    by_file = {f: sum(s.file == f for s in samples) for f in {s.file for s in samples}}
+    assert by_file == {EXTRA_PREFIX + "hub:AI-ModelScope/alpaca-gpt4-data-zh": 25,
+                       EXTRA_PREFIX + "hub:AI-ModelScope/alpaca-gpt4-data-en": 5,
+                       EXTRA_PREFIX + "hub:other/set": 6}  # the uncounted one takes general_ratio's rows
+    assert mixing.hub_spec("AI-ModelScope/alpaca-gpt4-data-zh#500") == ("AI-ModelScope/alpaca-gpt4-data-zh", 500)
+    assert len(mixing.hub_samples(["small#100"], 0, seed=1)) == 40  # all of a smaller dataset
+    for bad in ("x#", "x#ten", "x#0"):
+        with pytest.raises(mixing.MixingError, match="number of rows"):
+            mixing.hub_spec(bad)
