@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dagster import AssetExecutionContext, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Backoff, Failure, MetadataValue, Output, RetryPolicy, asset
 
 from assets.curated_dataset import CuratedDataset
 from orchestration.config import TrainingConfig
@@ -17,7 +17,7 @@ from orchestration.resources import MlflowTracker, Trainer, Workspace, unwritabl
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import CPU_DTYPE_ENV, cpu_dtype, default_recipe, detect_device, resolve_dtype
-from persona.training import TrainingError, available_recipe
+from persona.training import TrainingError, TrainingInterrupted, available_recipe
 from persona.targets import ADAPTER_MANIFEST
 
 STEP_METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
@@ -40,7 +40,12 @@ MANIFEST = ADAPTER_MANIFEST  # written last: its presence marks a complete adapt
 # train_worker.py); Dagster then marks adapters and evaluation reports stale, and the retrain schedule retrains.
 # The schedule also sees edits to the default recipes' values without a bump (orchestration/project_config.py).
 # pool: at most one training at a time; the limit is in dagster.yaml.
-@asset(group_name="persona", code_version="2", pool="training", description=__doc__)
+# retry_policy: a killed trainer (a signal, the out-of-memory killer; TrainingInterrupted) is tried again, and the
+# retry resumes from the training's last checkpoint (outputs/checkpoints/); other failures are not retried.
+TRAINER_RETRIES = RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL)
+
+
+@asset(group_name="persona", code_version="2", pool="training", retry_policy=TRAINER_RETRIES, description=__doc__)
 def lora_adapter(
     context: AssetExecutionContext,
     config: TrainingConfig,
@@ -75,13 +80,24 @@ def lora_adapter(
 
         identity = curated_dataset.identity()
 
+        def output(line: str) -> None:  # persona's own lines from the trainer (resuming, fallbacks, start-up stages)
+            if line.startswith("[persona]"):
+                context.log.info(line.removeprefix("[persona] "))
+
         target = workspace.output("adapters", run_id)
         try:
             with unwritable_is_failure(target):
-                result = trainer.train(base_model, curated_dataset.path, recipe, target, device, on_progress=progress)
+                result = trainer.train(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
+                                       checkpoint_root=workspace.output("checkpoints"), owner=run_id,
+                                       on_output=output)
         except TrainingError as exc:
-            mlflow.set_tag("persona.error", str(exc)[:5000])
-            raise Failure(description=str(exc)) from None
+            mlflow.set_tag("persona.error", str(exc)[:5000])  # the run ends FAILED
+            raise Failure(description=str(exc), allow_retries=isinstance(exc, TrainingInterrupted)) from None
+        if result.resumed_from_step:
+            mlflow.set_tags({"persona.resumed_from_run": result.resumed_from or "",
+                             "persona.resumed_from_step": str(result.resumed_from_step)})
+            context.log.info(f"Resumed at step {result.resumed_from_step} from the interrupted MLflow run "
+                             f"{result.resumed_from}")
 
         for h in result.log_history:
             for key, name in STEP_METRICS.items():
@@ -115,6 +131,7 @@ def lora_adapter(
             "train_seconds": round(result.train_seconds, 1),
             "wall_seconds": MetadataValue.float(round(result.wall_seconds, 1)),
             "trainer": "standby (imports done ahead)" if result.standby else "fresh process",
+            "resumed_from_step": result.resumed_from_step,
             "peak_memory_gib": round(result.peak_memory_gib, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "device": device,

@@ -27,8 +27,8 @@ def unwritable_is_failure(target: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise Failure(description=f"Cannot write {target}: {exc.strerror or exc}. Free disk space or fix the folder's "
-                                  "permissions, then run again; earlier datasets, adapters and MLflow runs are untouched."
-                      ) from None
+                                  "permissions, then run again; earlier datasets, adapters and MLflow runs are untouched.",
+                      allow_retries=False) from None
 
 
 class DataPathError(ValueError):
@@ -98,12 +98,14 @@ class Trainer(ConfigurableResource):
         return idle is not None and Standby(device, child_env(device), idle).warm()
 
     def train(self, base: BaseModel, dataset_path: str, recipe, target: Path, device: str,
-              on_progress: Callable[[dict], None] | None = None):
-        """A persona.training.TrainResult; the adapter folder `target` appears only if training succeeds."""
+              on_progress: Callable[[dict], None] | None = None, checkpoint_root: Path | None = None,
+              owner: str | None = None, on_output: Callable[[str], None] | None = None):
+        """A persona.training.TrainResult; the adapter folder `target` appears only if training succeeds. With
+        `checkpoint_root`, an interrupted training of the same data and config resumes from its last checkpoint."""
         from persona.training import train_lora
 
-        return train_lora(base, dataset_path, recipe, target, device, on_progress=on_progress,
-                          standby_idle_seconds=self.idle_for(device))
+        return train_lora(base, dataset_path, recipe, target, device, on_progress=on_progress, on_output=on_output,
+                          standby_idle_seconds=self.idle_for(device), checkpoint_root=checkpoint_root, owner=owner)
 
 
 class FakeTrainer(Trainer):
@@ -116,7 +118,8 @@ class FakeTrainer(Trainer):
         pass
 
     def train(self, base: BaseModel, dataset_path: str, recipe, target: Path, device: str,
-              on_progress: Callable[[dict], None] | None = None):
+              on_progress: Callable[[dict], None] | None = None, checkpoint_root: Path | None = None,
+              owner: str | None = None, on_output: Callable[[str], None] | None = None):
         from persona.fake_training import fake_train_lora
 
         return fake_train_lora(base, dataset_path, recipe, target, device, on_progress)
@@ -131,14 +134,25 @@ class ModelHub(ConfigurableResource):
         return resolve_base_model(model, revision, Path(self.cache_dir))
 
 
-class MlflowTracker(ConfigurableResource):
-    """An MLflow experiment. Locally: SQLite and artifacts under mlruns/; remotely: any tracking server."""
+def _is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
 
-    tracking_uri: str = Field(default_factory=lambda: "sqlite:///" + _home("mlruns", "mlflow.db"))
-    artifact_root: str = Field(default_factory=lambda: _home("mlruns", "artifacts"))
+
+class MlflowTracker(ConfigurableResource):
+    """An MLflow experiment. Locally: SQLite and artifacts under mlruns/; remotely: the tracking server that
+    $MLFLOW_TRACKING_URI names (http(s)://HOST:PORT), which stores the artifacts (`--serve-artifacts`) and serves
+    the UI."""
+
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI")
+                              or "sqlite:///" + _home("mlruns", "mlflow.db"))
+    artifact_root: str | None = Field(
+        default_factory=lambda data: None if _is_server(data["tracking_uri"]) else _home("mlruns", "artifacts"),
+        description="Where a new experiment's artifacts go; None: the server's default (its artifact proxy).")
     experiment: str = "persona"
     registered_model: str = Field(default="persona-adapter", description="Model Registry name; alias 'champion'.")
-    ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `make ui` serves the MLflow UI.")
+    ui_url: str = Field(
+        default_factory=lambda data: data["tracking_uri"].rstrip("/") if _is_server(data["tracking_uri"])
+        else "http://127.0.0.1:5000", description="The MLflow UI: the server itself, else where `make ui` serves it.")
 
     def client(self):
         import mlflow
@@ -153,7 +167,8 @@ class MlflowTracker(ConfigurableResource):
         exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        location = self.artifact_root if "://" in self.artifact_root else Path(self.artifact_root).resolve().as_uri()
+        location = (None if not self.artifact_root else self.artifact_root if "://" in self.artifact_root
+                    else Path(self.artifact_root).resolve().as_uri())
         return client.create_experiment(self.experiment, artifact_location=location)
 
     @contextmanager

@@ -33,6 +33,14 @@ from persona.standby import Standby, StandbyJob
 from persona.storage import staged_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", "additional_config.json")
+# What a checkpoint holds beyond the adapter, for resuming only: not copied into the adapter folder.
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json",
+                       "training_args.bin")
+# Mid-run checkpoints: one every CHECKPOINT_FRACTION of the run's steps (transformers reads a save_steps below 1 as a
+# ratio of the total). A killed run loses at most that share of its steps; saving costs <= 5 % of training time
+# (measured in BENCHMARKS.md "Checkpoints").
+CHECKPOINT_FRACTION = 0.1
+RESUME_FILE = "persona_resume.json"  # in a run's checkpoint folder: what it trains, and the attempts so far
 RESULT_FILE = "persona_train_result.json"
 PREFLIGHT_FILE = "persona_preflight_error.json"
 NPROC_ENV = "NPROC_PER_NODE"
@@ -42,6 +50,11 @@ EXTRA_ARGS_ENV = "PERSONA_SWIFT_ARGS"  # JSON object of further ms-swift argumen
 
 class TrainingError(RuntimeError):
     """ms-swift failed; the message carries the child's last output lines."""
+
+
+class TrainingInterrupted(TrainingError):
+    """The training child was killed (a signal, the out-of-memory killer): trying again may succeed, and resumes
+    from the last checkpoint when there is one."""
 
 
 class PreflightFailed(TrainingError, PreflightError):
@@ -114,6 +127,8 @@ class TrainResult:
     estimated_peak_gib: float = float("nan")
     wall_seconds: float = float("nan")  # the whole call: start-up, loading, training, saving
     standby: bool = False               # trained by a standby trainer (persona.standby), not a fresh child
+    resumed_from_step: int = 0          # > 0: continued an interrupted attempt's checkpoint at this step
+    resumed_from: str | None = None     # that attempt's owner (the MLflow run id the caller passed)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -147,8 +162,8 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         add_version=False,
         create_checkpoint_symlink=False,
         split_dataset_ratio=0,          # evaluation is its own stage; no mid-run eval
-        save_steps=10**9,               # ms-swift always saves the last step; no mid-run checkpoints
-        save_only_model=True,
+        save_steps=10**9,               # ms-swift always saves the last step; train_lora sets mid-run checkpoints
+        save_only_model=True,           # (False with checkpoints: resuming needs the optimizer, scheduler and RNG)
         report_to=["none"],             # persona logs to MLflow itself, under its own metric names
         check_model=False,              # no hub lookups: works offline
         dataloader_num_workers=recipe.dataloader_num_workers,
@@ -231,7 +246,7 @@ def launch_command(job_file: str | Path, world_size: int = 1, python: str | None
 
 def child_env(device: str, world_size: int = 1, base: dict | None = None) -> dict:
     env = {**(os.environ if base is None else base), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "PERSONA_TRAINING_PARENT": str(os.getpid())}  # the child dies with this process
     for secret in HUB_TOKENS:  # the child trains from a local folder: it needs no hub, and must not log in to one
         env.pop(secret, None)
     if device != "cpu":
@@ -278,6 +293,65 @@ def parse_progress(line: str) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
+def resume_key(base: BaseModel, dataset_path: str | Path, swift_args: dict) -> str:
+    """What makes two trainings the same one, so that the second may resume the first's checkpoints: the base
+    weights, the dataset's bytes and every ms-swift argument but the folders."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in swift_args.items() if k not in ("output_dir", "resume_from_checkpoint")},
+                        sort_keys=True, default=str).encode())
+    h.update((base.weights_sha256 or base.path).encode())
+    with open(dataset_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint-N in `folder` (transformers writes trainer_state.json last), or None."""
+    complete = [p for p in Path(folder).glob("checkpoint-*")
+                if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A training's own checkpoint folder, and what an earlier attempt left there."""
+
+    folder: Path
+    checkpoint: Path | None  # resume from here; None: start at step 0
+    attempts: list           # the owners (e.g. MLflow run ids) of earlier attempts, oldest first
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.name.removeprefix("checkpoint-")) if self.checkpoint else 0
+
+    @property
+    def previous(self) -> str | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+def open_resume(root: str | Path, key: str, owner: str | None) -> Resume:
+    """The checkpoint folder of the training `key` under `root`, with this attempt (`owner`) recorded in it."""
+    folder = Path(root, key[:16])
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / RESUME_FILE
+    try:
+        state = json.loads(record.read_text())
+        if state.get("key") != key:
+            raise ValueError("another training")
+    except (OSError, ValueError):
+        state = {"key": key, "attempts": []}
+    checkpoint = last_checkpoint(folder)
+    resume = Resume(folder, checkpoint, list(state["attempts"]) if checkpoint else [])
+    state["attempts"] = [*resume.attempts, owner]
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, record)
+    return resume
+
+
 def train_lora(
     base: BaseModel,
     dataset_path: str | Path,
@@ -287,6 +361,8 @@ def train_lora(
     on_progress: Callable[[dict], None] | None = None,
     on_output: Callable[[str], None] | None = None,
     standby_idle_seconds: float | None = None,
+    checkpoint_root: str | Path | None = None,
+    owner: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; `adapter_dir` appears only if training succeeds.
 
@@ -299,7 +375,15 @@ def train_lora(
     and ms-swift imported ahead of time), started now if none is waiting, and a new standby is started for the next
     run, which waits that long. Without it, on several GPUs, or when the standby does not answer, a fresh child
     trains.
+
+    With `checkpoint_root`, the training checkpoints every CHECKPOINT_FRACTION of its steps into a folder of its own
+    under it (named by resume_key: base weights, dataset bytes, ms-swift arguments), and a later call for the same
+    training (a retry, a re-launch) resumes from the last complete checkpoint with ms-swift's resume_from_checkpoint.
+    `owner` (e.g. the MLflow run id) is recorded there, so that the resumed attempt knows whom it continues
+    (TrainResult.resumed_from). The folder is removed once the adapter is complete. Without it, a scratch folder is
+    used and an interrupted training starts over.
     """
+    import contextlib
     import time
 
     adapter_dir = Path(adapter_dir)
@@ -317,8 +401,24 @@ def train_lora(
     started = time.time()
     if standby is not None:
         standby.warm()  # usually one is waiting (base_model started it); if not, it imports during the pre-flight
-    with staged_dir(adapter_dir) as staged, tempfile.TemporaryDirectory(prefix="persona-train-") as work:
-        job = {"swift_args": swift_arguments(base, str(dataset_path), run_recipe, device, work), "device": device,
+    resume = None
+    if checkpoint_root is not None:
+        key = resume_key(base, dataset_path, swift_arguments(base, str(dataset_path), run_recipe, device, ""))
+        resume = open_resume(checkpoint_root, key, owner)
+        if on_output and resume.checkpoint:
+            on_output(f"[persona] resuming from {resume.checkpoint} (step {resume.step}), left by an interrupted "
+                      f"attempt{f' ({resume.previous})' if resume.previous else ''}")
+    scratch = (contextlib.nullcontext(str(resume.folder)) if resume
+               else tempfile.TemporaryDirectory(prefix="persona-train-"))
+    with staged_dir(adapter_dir) as staged, scratch as work:
+        swift_args = swift_arguments(base, str(dataset_path), run_recipe, device, work)
+        if resume is not None:
+            for stale in (RESULT_FILE, PREFLIGHT_FILE):  # an earlier attempt's
+                Path(work, stale).unlink(missing_ok=True)
+            swift_args.update(save_steps=CHECKPOINT_FRACTION, save_only_model=False, save_total_limit=2)
+            if resume.checkpoint:
+                swift_args["resume_from_checkpoint"] = str(resume.checkpoint)
+        job = {"swift_args": swift_args, "device": device,
                "world_size": world_size,
                "cudnn_attention": run_recipe.cudnn_attention, "replay_kl_weight": run_recipe.replay_kl_weight,
                "cwd": os.getcwd()}  # (a standby was started elsewhere)
@@ -359,17 +459,23 @@ def train_lora(
                 how = "the standby trainer ended without an exit code: killed, e.g. by the out-of-memory killer"
             else:
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise TrainingError(f"ms-swift training failed ({how}). Last output:\n" + "\n".join(tail[-15:]))
+            error = TrainingInterrupted if code is None or code < 0 else TrainingError
+            kept = (f" Its checkpoints are kept in {resume.folder}; the same training resumes from them."
+                    if resume is not None and last_checkpoint(resume.folder) else "")
+            raise error(f"ms-swift training failed ({how}).{kept} Last output:\n" + "\n".join(tail[-15:]))
         raw = json.loads(result_file.read_text())
         checkpoint = Path(raw["last_model_checkpoint"])
         for f in checkpoint.iterdir():
-            if f.is_file():
+            if f.is_file() and f.name not in TRAINER_STATE_FILES and not f.name.startswith("rng_state"):
                 shutil.copy2(f, staged / f.name)
         params = {**resolve_dtype(recipe, device).as_params(), "world_size": world_size}
         if world_size > 1:
             params["per_device_train_batch_size_run"] = run_recipe.per_device_train_batch_size
             params["gradient_accumulation_steps_run"] = run_recipe.gradient_accumulation_steps
         (staged / "persona_recipe.json").write_text(json.dumps(params, indent=2, ensure_ascii=False))
+    if resume is not None:  # the adapter is complete: its checkpoints have done their job
+        shutil.rmtree(resume.folder, ignore_errors=True)
+        raw["resumed_from_step"], raw["resumed_from"] = resume.step, resume.previous
     raw["world_size"] = world_size
     raw["call_seconds"] = time.time() - started
     raw["standby"] = conn is not None
@@ -397,4 +503,6 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         estimated_peak_gib=float(raw.get("estimated_peak_gib", math.nan)),
         wall_seconds=float(raw.get("call_seconds", raw.get("wall_seconds", math.nan))),
         standby=bool(raw.get("standby", False)),
+        resumed_from_step=int(raw.get("resumed_from_step", 0)),
+        resumed_from=raw.get("resumed_from"),
     )

@@ -117,6 +117,13 @@ def real_trainer():
 
 
 @pytest.fixture(autouse=True)
+def _no_tracking_server(monkeypatch):
+    """Each test starts without $MLFLOW_TRACKING_URI, which MlflowTracker() follows (a team server): the shell's
+    must not reach a real server, and mlflow.set_tracking_uri exports the last test's store into it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _hash_cache(tmp_path_factory, monkeypatch):
     """Weight digests are remembered in a test-session folder, not in the user's ~/.cache."""
     monkeypatch.setenv("PERSONA_HASH_CACHE", str(tmp_path_factory.getbasetemp() / "file-hashes.json"))

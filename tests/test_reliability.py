@@ -17,6 +17,7 @@ import psutil
 import pytest
 from dagster import materialize
 
+from assets.lora_adapter import TRAINER_RETRIES
 from pipeline import ASSETS, run_config
 
 COUNTS = {"inputs tried": 0, "inputs rejected": 0, "faults injected": 0, "faults survived with nothing lost": 0}
@@ -171,14 +172,16 @@ def test_data_paths_stay_inside_the_data_folder(trained, tiny_model, home, resou
 
 
 def kill_worker_when_training(sig: int, stop: threading.Event) -> None:
-    """Wait for the ms-swift child process, let it start training, then signal it (SIGKILL is what the OOM killer sends)."""
+    """Wait for each ms-swift child process (the first attempt's and the retries'), let it start training, then
+    signal it (SIGKILL is what the OOM killer sends)."""
+    signalled = set()
     while not stop.is_set():
         for child in psutil.Process().children(recursive=True):
             try:
-                if "persona.train_worker" in " ".join(child.cmdline()):
+                if child.pid not in signalled and "persona.train_worker" in " ".join(child.cmdline()):
                     time.sleep(4)
                     child.send_signal(sig)
-                    return
+                    signalled.add(child.pid)
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.2)
@@ -202,9 +205,11 @@ def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(tra
         stop.set()
     step, message = failed_step(result)
     assert step == "lora_adapter" and f"killed by signal {int(sig)}" in message
+    retries = TRAINER_RETRIES.max_retries  # a killed trainer is retried (tests/test_resume.py: the retry resumes)
+    assert [e.step_key for e in result.all_events if e.event_type_value == "STEP_RESTARTED"] == ["lora_adapter"] * retries
     after = snapshot(home, resources["mlflow_tracker"])
     new_runs = {k: v for k, v in after["runs"].items() if k not in trained["runs"]}
-    assert list(new_runs.values()) == ["FAILED"]
+    assert list(new_runs.values()) == ["FAILED"] * (1 + retries)
     assert {k: v for k, v in after["files"].items() if "adapters" in k} == \
         {k: v for k, v in trained["files"].items() if "adapters" in k}  # no half-written adapter
     assert after["champion"] == trained["champion"] and after["partials"] == []
