@@ -44,14 +44,15 @@ def build(model_dir: str) -> None:
 
 def ensure_model(model_dir: str = DEFAULT_DIR):
     """Build the folder once (in a child process, so this process holds no CUDA memory) and describe it."""
-    from persona.models import BaseModel, count_parameters, QWEN2
+    from persona.models import QWEN2, QWEN_CODER_05B, BaseModel, count_parameters
 
     if not Path(model_dir, "config.json").exists():
         subprocess.run([sys.executable, __file__, "build", model_dir], check=True)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     return BaseModel(
         path=model_dir, source="random Qwen2.5-7B shape (bench/qwen7b_shape.py)", revision="torch.manual_seed(0)",
-        model_type=QWEN2.model_type, template=QWEN2.template, own_identity=QWEN2.own_identity,
+        # A Qwen2.5 shape in a folder whose name ms-swift does not know: the embedded Qwen's explicit settings.
+        model_type=QWEN_CODER_05B.model_type, template=QWEN_CODER_05B.template, own_identity=QWEN2.own_identity,
         weights_sha256="", parameters=count_parameters(Path(model_dir)), bytes=sum(f.stat().st_size for f in files),
     )
 

