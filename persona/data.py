@@ -9,9 +9,14 @@ tests try 30 of them).
 from __future__ import annotations
 
 import difflib
+import errno
+import functools
 import hashlib
 import json
+import os
 import re
+import stat
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,13 +124,84 @@ class Dataset:
 
 
 # --- reading --------------------------------------------------------------------------------
+# Hostile files: every step is linear in the file's size (line numbers are counted by one forward cursor, not from
+# the file's start per record: that was quadratic, 76 s for a 12 MB one-line file); a FIFO or device is refused from
+# its stat() before it is opened (opening a FIFO to read waits for a writer, forever); too deep nesting and duplicate
+# keys are located problems, not a RecursionError or a silently dropped value.
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+# Bigger data files are refused before they are read (README "Hostile files"). Parsing is linear (a 50 MB one-line
+# file parses in ~3 s), but the checks after it are not free: each row's question is compared with the probes and its
+# tokens are counted, ~0.3 ms a row, so `persona validate` takes 31 s over a 16 MiB file (101,736 rows, 2 CPU cores)
+# and would take about 90 s over 50 MB, before a training of days on a CPU. The identity data the tutorials describe is
+# 50-100 rows, a few KB; general data comes from general_mix (replay or hub), not from a file here.
+MAX_FILE_BYTES = 16 * 2**20
+_TOO_BIG_FIX = (f"keep a data file under {MAX_FILE_BYTES // 2**20} MiB: identity data needs 50-100 rows (a few KB), "
+                "and general data comes from general_mix (replay or hub), not from a file in the data folder")
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_NOT_REGULAR_FIX = "save the records in a regular .json or .jsonl file and name that file"
+
+
+def _not_regular(path: Path) -> Problem | None:
+    """Why `path` is not a regular file that can be read, from os.stat alone (nothing is opened); None if it is one."""
+    file = str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return Problem(file, 0, f"a symbolic link to {os.readlink(path)}, which does not exist",
+                           "point the link at the data file, or put the file itself here")
+        return Problem(file, 0, "file not found", "check the path in the dataset configuration")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return Problem(file, 0, "a symbolic link loop (following the link leads back to it)",
+                           "replace the link with the data file itself, or point it at a regular file")
+        return Problem(file, 0, f"cannot be read ({e.strerror})", "check the file's and its folders' permissions")
+    if stat.S_ISDIR(st.st_mode):
+        return Problem(file, 0, "a folder, not a file", "name a .json or .jsonl file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        return Problem(file, 0, f"{kind}, not a regular file: it was not opened (reading one can wait forever)",
+                       _NOT_REGULAR_FIX)
+    if st.st_size > MAX_FILE_BYTES:
+        return _too_big(file, st.st_size)
+    return None
+
+
+def _too_big(file: str, size: int | None) -> Problem:
+    got = f"{size / 2**20:.1f} MiB" if size is not None else "more than that (it grew while being read)"
+    return Problem(file, 0, f"{got}, over the {MAX_FILE_BYTES // 2**20} MiB limit for a data file; it was not read",
+                   _TOO_BIG_FIX)
+
+
+def read_bytes(path: Path, problems: list[Problem]) -> bytes | None:
+    """The bytes of a regular file, or None with the problem recorded. The file is checked before it is opened, and
+    opened non-blocking and checked again, so a FIFO swapped in between cannot hang the read either."""
+    bad = _not_regular(path)
+    if bad is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            bad = Problem(str(path), 0, f"cannot be read ({e.strerror})", "check the file's permissions")
+        else:
+            with os.fdopen(fd, "rb") as fh:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    raw = fh.read(MAX_FILE_BYTES + 1)  # a file that grew since its stat() is cut off here
+                    if len(raw) <= MAX_FILE_BYTES:
+                        return raw
+                    bad = _too_big(str(path), None)
+                else:
+                    bad = Problem(str(path), 0, "changed into something other than a regular file while being "
+                                  "opened", _NOT_REGULAR_FIX)
+    problems.append(bad)
+    return None
 
 
 def _read_text(path: Path, problems: list[Problem]) -> str | None:
-    raw = path.read_bytes()
+    raw = read_bytes(path, problems)
+    if raw is None:
+        return None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -135,13 +211,97 @@ def _read_text(path: Path, problems: list[Problem]) -> str | None:
         return None
 
 
+class _Lines:
+    """Line and column of positions in `text`, asked in increasing order: each character is looked at once."""
+
+    def __init__(self, text: str, line: int = 1):
+        self.text, self.pos, self.line, self.start = text, 0, line, 0
+
+    def at(self, pos: int) -> tuple[int, int]:
+        if pos > self.pos:
+            n = self.text.count("\n", self.pos, pos)
+            if n:
+                self.line += n
+                self.start = self.text.rfind("\n", self.pos, pos) + 1
+            self.pos = pos
+        return self.line, pos - self.start + 1
+
+
+class _Duplicates:
+    """object_pairs_hook that notes objects with a key twice (plain json keeps the last value without a word)."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            self.seen = True
+        return obj
+
+
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]', re.S)  # a string (keys are strings then ':') or a bracket
+_COLON = re.compile(r"\s*:")
+
+
+def _duplicate_keys(text: str, start: int, end: int) -> list[tuple[int, str]]:
+    """(position, key) of each key repeated in its own object, in text[start:end] (one decoded JSON value)."""
+    stack: list[set | None] = []  # the keys of each open object; None for an array
+    found = []
+    for m in _TOKEN.finditer(text, start, end):
+        tok = m.group()
+        if tok == "{":
+            stack.append(set())
+        elif tok == "[":
+            stack.append(None)
+        elif tok in ("}", "]"):
+            if stack:
+                stack.pop()
+        elif stack and stack[-1] is not None and _COLON.match(text, m.end()):
+            key = json.loads(tok)
+            if key in stack[-1]:
+                found.append((m.start(), key))
+            stack[-1].add(key)
+    return found
+
+
+SKIP = object()  # a value that was read but is not used (its problems are recorded)
+TOO_DEEP_FIX = "a record is one object of strings (and lists of messages or [question, answer] pairs); remove the " \
+               "extra brackets"
+
+
+def _decode(dec: json.JSONDecoder, dups: _Duplicates, text: str, i: int, where: tuple[str, _Lines],
+            problems: list[Problem], fix: str) -> tuple[object, int] | None:
+    """One JSON value at text[i:] and where it ends; SKIP for the value when it has duplicate keys (located in
+    `problems`); None when it is nested too deeply (located; where it ends is unknown). Raises json.JSONDecodeError
+    for invalid JSON (the caller knows what to say)."""
+    file, lines = where
+    line = lines.at(i)[0]
+    dups.seen = False
+    try:
+        obj, end = dec.raw_decode(text, i)
+    except RecursionError:
+        problems.append(Problem(file, line, f"JSON nested too deeply (more than about {sys.getrecursionlimit()} "
+                                            "levels of [ and {)", fix))
+        return None
+    if dups.seen:
+        for pos, key in _duplicate_keys(text, i, end):
+            where_line, where_col = lines.at(pos)
+            problems.append(Problem(file, where_line, f"duplicate key {key!r} at column {where_col}: JSON would keep "
+                                                      "only the last value", f"keep one {key!r} per object"))
+        return SKIP, end
+    return obj, end
+
+
 def _json_array_items(path: Path, text: str, problems: list[Problem]) -> list[tuple[int, object]]:
     """Each element of a top-level JSON array with the line it starts on."""
-    dec = json.JSONDecoder()
+    dups = _Duplicates()
+    dec = json.JSONDecoder(object_pairs_hook=dups)
+    lines = _Lines(text)
     items: list[tuple[int, object]] = []
     i = len(text) - len(text.lstrip())
     if not text.startswith("[", i):
-        problems.append(Problem(str(path), _line_of(text, i), "a .json dataset must be a JSON array of records",
+        problems.append(Problem(str(path), lines.at(i)[0], "a .json dataset must be a JSON array of records",
                                 "wrap the records in [ ... ], or save one record per line as .jsonl"))
         return items
     i += 1
@@ -151,36 +311,60 @@ def _json_array_items(path: Path, text: str, problems: list[Problem]) -> list[tu
         if text.startswith("]", i):
             return items
         try:
-            obj, end = dec.raw_decode(text, i)
+            got = _decode(dec, dups, text, i, (str(path), lines), problems, TOO_DEEP_FIX)
         except json.JSONDecodeError as e:
             problems.append(Problem(str(path), e.lineno, f"invalid JSON at column {e.colno}: {e.msg}",
                                     "fix the JSON syntax (a missing comma, quote or bracket is typical)"))
             return items
-        items.append((_line_of(text, i), obj))
+        if got is None:  # too deep: where it ends is unknown
+            return items
+        obj, end = got
+        if obj is not SKIP:
+            items.append((lines.at(i)[0], obj))
         i = ws.match(text, end).end()
         if text.startswith(",", i):
             i = ws.match(text, i + 1).end()
             if text.startswith("]", i):
-                problems.append(Problem(str(path), _line_of(text, i), "invalid JSON: trailing comma before ']'",
+                problems.append(Problem(str(path), lines.at(i)[0], "invalid JSON: trailing comma before ']'",
                                         "remove the comma after the last record"))
                 return items
         elif not text.startswith("]", i):
-            line, col = _line_of(text, i), i - text.rfind("\n", 0, i)
+            line, col = lines.at(i)
             problems.append(Problem(str(path), line, f"invalid JSON at column {col}: expected ',' or ']'",
                                     "separate records with commas and close the array with ]"))
             return items
 
 
-def _jsonl_items(path: Path, text: str, problems: list[Problem]) -> list[tuple[int, object]]:
+# Not str.splitlines: it also splits at U+2028 and U+0085, which are valid inside JSON strings.
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def read_jsonl(path: Path, problems: list[Problem], fix: str = "each line of a .jsonl file must be one complete "
+               "JSON object", too_deep_fix: str = TOO_DEEP_FIX) -> list[tuple[int, object]]:
+    """(line, value) of each non-blank line of a JSON Lines file; unreadable files and lines are recorded problems."""
+    text = _read_text(path, problems)
+    return [] if text is None else _jsonl_items(path, text, problems, fix, too_deep_fix)
+
+
+def _jsonl_items(path: Path, text: str, problems: list[Problem],
+                 fix: str = "each line of a .jsonl file must be one complete JSON object",
+                 too_deep_fix: str = TOO_DEEP_FIX) -> list[tuple[int, object]]:
+    dups = _Duplicates()
+    dec = json.JSONDecoder(object_pairs_hook=dups)
+    ws = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as json.loads allows around a value
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_LINE_BREAK.split(text), 1):
         if not line.strip():
             continue
         try:
-            items.append((n, json.loads(line)))
+            got = _decode(dec, dups, line, ws.match(line).end(), (str(path), _Lines(line, n)), problems, too_deep_fix)
+            if got is not None and got[0] is not SKIP:
+                obj, end = got
+                if ws.match(line, end).end() != len(line):
+                    raise json.JSONDecodeError("Extra data", line, ws.match(line, end).end())
+                items.append((n, obj))
         except json.JSONDecodeError as e:
-            problems.append(Problem(str(path), n, f"invalid JSON at column {e.colno}: {e.msg}",
-                                    "each line of a .jsonl file must be one complete JSON object"))
+            problems.append(Problem(str(path), n, f"invalid JSON at column {e.colno}: {e.msg}", fix))
     return items
 
 
@@ -250,9 +434,6 @@ def _to_messages(item: object, where: tuple[str, int], problems: list[Problem]) 
 
 def read_file(path: Path, problems: list[Problem]) -> list[Sample]:
     path = Path(path)
-    if not path.exists():
-        problems.append(Problem(str(path), 0, "file not found", "check the path in the dataset configuration"))
-        return []
     text = _read_text(path, problems)
     if text is None:
         return []
@@ -278,7 +459,17 @@ def _similar(a: str, b: str) -> bool:
         return True
     if min(len(a), len(b)) < 8 or abs(len(a) - len(b)) > 2:
         return False
-    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.9
+    # Upper bounds of ratio() first, the same answer sooner: a character of `a` that `b` lacks matches nothing.
+    if 2.0 * (len(a) - len(a.translate(_deleting(b)))) / (len(a) + len(b)) < 0.9:
+        return False
+    m = difflib.SequenceMatcher(None, a, b)
+    return m.quick_ratio() >= 0.9 and m.ratio() >= 0.9
+
+
+@functools.lru_cache(maxsize=4096)
+def _deleting(text: str) -> dict:
+    """str.translate table removing the characters of `text`."""
+    return dict.fromkeys(map(ord, text))
 
 
 def load_dataset(
@@ -335,11 +526,17 @@ def load_dataset(
             problems.append(Problem(s.file, s.line, f"the answer names the base model's own identity ({', '.join(named)})",
                                     "answer with the new identity, or leave that name out"))
 
-    held_out = [(normalize_question(q), q) for q in eval_questions]
+    # Probes by the length of their key: _similar needs lengths within 2, so each question is compared with the few
+    # probes of about its length (in the probes' order, as before), not all of them (300k rows x 200 probes: 3 min).
+    by_length: dict[int, list[tuple[int, str, str]]] = {}
+    for k, q in enumerate(eval_questions):
+        key = normalize_question(q)
+        by_length.setdefault(len(key), []).append((k, key, q))
     for s in unique:  # every user turn, the history's too: a probe in a history is seen in training as well
         for asked in [m["content"] for m in s.messages if m["role"] == "user"]:
             mine = normalize_question(asked)
-            hit = next((q for key, q in held_out if _similar(mine, key)), None)
+            near = sorted(c for n in range(len(mine) - 2, len(mine) + 3) for c in by_length.get(n, ()))
+            hit = next((q for _, key, q in near if _similar(mine, key)), None)
             if hit is not None:
                 problems.append(Problem(s.file, s.line, f"training question {asked!r} is (nearly) the evaluation probe "
                                         f"{hit!r}", "remove it from training or from the evaluation probes, so scores "

@@ -140,16 +140,17 @@ def test_version_includes_the_curation_config(tmp_path):
     assert load_dataset([f], config={"general_ratio": 0.5}).version != load_dataset([f], config={"general_ratio": 1}).version
 
 
-def test_validate_cli_prints_located_problems(tmp_path, capsys):
+def test_validate_cli_prints_located_problems(tmp_path, home, capsys):
     from orchestration.cli import main
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
-    assert main(["validate", str(f), "--min-samples", "1"]) == 1
+    # --max-length 0: no tokenizer here (tests/test_hostile_files.py checks the default, the base tokenizer's count)
+    assert main(["validate", str(f), "--min-samples", "1", "--max-length", "0"]) == 1
     err = capsys.readouterr().err
     assert f"{f}:2: missing 'output'" in err and "1 problem(s)" in err
     f.write_text('{"instruction": "a", "output": "b"}\n')
-    assert main(["validate", str(f), "--min-samples", "1"]) == 0
+    assert main(["validate", str(f), "--min-samples", "1", "--max-length", "0"]) == 0
     assert capsys.readouterr().out.startswith("ok: 1 samples, version ")
 
 
