@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 from persona.data import Identity
 from persona.inference import Chat, default_batch_size
+from persona.integrity import content_sha256
 from persona.probes import Probe, identity_system_prompt, load_probes, showcase_probes
 from persona.scoring import STABILITY_TEMPERATURE, Scores, score
 from persona.storage import atomic_write_text
@@ -119,13 +120,15 @@ def compare(chat: Chat, probes: list[Probe], own_identity: Iterable[str], identi
 class AnswerCache:
     """The baseline's answers, remembered between runs. They depend only on the base weights, the probes, the system
     prompt and the decoding settings; files are named by a hash of all of it, so any change is a miss, never a stale
-    answer."""
+    answer. Each file records the sha256 of its answers; one that does not parse, does not match it or has the wrong
+    number of rows is discarded with a line to `log`, and the answers are decoded again."""
 
     VERSION = 4  # bump when the way answers are produced changes (4: keyed without loading the model)
 
-    def __init__(self, directory: str | Path, base_digest: str):
+    def __init__(self, directory: str | Path, base_digest: str, log: Callable[[str], None] | None = print):
         self.directory = Path(directory)
         self.base_digest = base_digest
+        self.log = log
 
     def key(self, what: list) -> str:
         """`what`: everything the answers depend on but the base weights (EvaluationSetup.baseline lists it)."""
@@ -133,16 +136,34 @@ class AnswerCache:
                                          default=str).encode()).hexdigest()[:24]
 
     def get(self, key: str, rows: list[Probe]) -> Decoded | None:
-        try:
-            data = json.loads((self.directory / f"answers-{key}.json").read_text(encoding="utf-8"))
-            texts, cut = list(data["answers"]), [bool(t) for t in data["truncated"]]
-        except (OSError, ValueError, KeyError, TypeError):
+        path = self.directory / f"answers-{key}.json"
+        if not path.is_file():
             return None
-        return Decoded(rows, texts, cut) if len(texts) == len(rows) == len(cut) else None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            texts, cut = data["answers"], data["truncated"]
+            if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(cut, list)):
+                raise TypeError("not a list of answers")
+            recorded = data.get("sha256")  # None in files written before the record: their shape decides
+            if recorded is not None and recorded != content_sha256([texts, cut]):
+                problem = "its answers do not match the sha256 recorded in it"
+            elif not len(texts) == len(rows) == len(cut):
+                problem = f"it has {len(texts)} answers for {len(rows)} questions"
+            else:
+                return Decoded(rows, list(texts), [bool(t) for t in cut])
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"unreadable ({type(exc).__name__})"
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problem = f"not the JSON it was written as ({type(exc).__name__})"
+        path.unlink(missing_ok=True)
+        if self.log:
+            self.log(f"answer cache {path} is damaged: {problem}. Discarded it; these answers are decoded again.")
+        return None
 
     def put(self, key: str, decoded: Decoded) -> None:
         atomic_write_text(self.directory / f"answers-{key}.json",
-                          json.dumps({"answers": decoded.texts, "truncated": decoded.truncated}, ensure_ascii=False))
+                          json.dumps({"answers": decoded.texts, "truncated": decoded.truncated,
+                                      "sha256": content_sha256([decoded.texts, decoded.truncated])}, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,7 @@ class EvaluationSetup:
         from persona.tokens import chat_tokenizer
 
         probes = self.probes()
-        cache = AnswerCache(self.answer_cache, self.base_digest)
+        cache = AnswerCache(self.answer_cache, self.base_digest, log or print)
         settings = {"max_new_tokens": self.max_new_tokens, "stability_samples": self.stability_samples,
                     "temperature": STABILITY_TEMPERATURE, "seed": 0}
         template = chat_tokenizer(self.model_dir, self.template).chat_template

@@ -4,7 +4,9 @@ Two sources, as the tutorials suggest:
 - `hub`: Alpaca datasets from ModelScope (the seeds' `AI-ModelScope/alpaca-gpt4-data-zh#500`);
 - `replay`: offline self-distillation. The base model answers a shipped set of general prompts and
   those answers become training targets, so the adapter learns the identity while staying close to
-  the base model elsewhere. Answers are cached by (base weights, prompts, generation settings).
+  the base model elsewhere. Answers are cached by (base weights, prompts, generation settings); a cache file that
+  does not match the sha256 on its first line, or that does not answer exactly the prompts asked, is discarded and
+  the answers decoded again, with one line saying so.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from persona.data import EXTRA_PREFIX, HUB_PREFIX, Problem, DatasetError, Sample, language
+from persona.data import EXTRA_PREFIX, HUB_PREFIX, Problem, DatasetError, Sample, language, read_jsonl
 from persona.distill import REPLAY_CHANNEL
 from persona.models import BaseModel
 from persona.storage import atomic_write_text
@@ -24,13 +26,13 @@ class MixingError(RuntimeError):
 
 
 def read_prompts(path: Path) -> list[str]:
+    """The prompts of a JSONL file of {"prompt": ...} rows, read as the training files are (persona.data.read_jsonl:
+    FIFOs, oversized files, deep nesting and duplicate keys are located problems)."""
     problems, prompts = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            prompts.append(json.loads(line)["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+    for n, row in read_jsonl(Path(path), problems, fix='write {"prompt": "..."}'):
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            prompts.append(row["prompt"])
+        else:
             problems.append(Problem(str(path), n, "not a JSON object with a 'prompt'", 'write {"prompt": "..."}'))
     if problems:
         raise DatasetError(problems)
@@ -80,15 +82,62 @@ def replay_cache_file(cache_dir: Path, base: BaseModel, prompts: list[str], syst
     return Path(cache_dir) / f"replay-{key.hexdigest()[:16]}.jsonl"
 
 
+RECORD_KEY = "persona_replay_sha256"  # the first line's key: the sha256 of the UTF-8 text after that line
+
+
+def write_replay_cache(cache: Path, rows: list[dict]) -> None:
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    record = {RECORD_KEY: hashlib.sha256(body.encode()).hexdigest(), "rows": len(rows)}
+    atomic_write_text(cache, json.dumps(record) + "\n" + body)
+
+
+def read_replay_cache(cache: Path, prompts: list[str]) -> tuple[list[dict] | None, str | None]:
+    """(the cached rows, None), or (None, what is wrong): the text after the first line must have the sha256 that
+    line records, and the rows must answer exactly `prompts`, in order (the file name is a hash of them). A file
+    written before the record (no first line of it) is checked by its rows alone."""
+    try:
+        text = cache.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+    first, _, body = text.partition("\n")
+    try:
+        record = json.loads(first) if first.strip() else None
+    except ValueError:
+        record = None  # a damaged first line: the rows' check below says what is wrong
+    if isinstance(record, dict) and RECORD_KEY in record:
+        if hashlib.sha256(body.encode()).hexdigest() != record[RECORD_KEY]:
+            return None, f"its rows do not match the sha256 on its first line ({len(body.encode()):,} bytes of rows)"
+    else:
+        body = text
+    rows = []
+    for n, line in enumerate(body.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None, f"line {n} is not JSON"
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)):
+            return None, f"line {n} is not a {{\"prompt\", \"answer\"}} row"
+        rows.append(row)
+    if [r["prompt"] for r in rows] != list(prompts):
+        return None, f"it answers {len(rows)} prompts, not the {len(prompts)} asked"
+    return rows, None
+
+
 def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system: str, device: str | None = None,
                    max_new_tokens: int = 96, batch_size: int = REPLAY_BATCH_SIZE, log=print) -> list[Sample]:
     """The base model's own greedy answers to `prompts`, as training samples (cached). `device`: where to decode
     them on a cache miss (default: the GPU if there is one)."""
     cache = replay_cache_file(cache_dir, base, prompts, system, max_new_tokens, batch_size)
+    rows = None
     if cache.exists():
-        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
-        log(f"replay: {len(rows)} cached answers from {cache}")
-    else:
+        rows, problem = read_replay_cache(cache, prompts)
+        if rows is not None:
+            log(f"replay: {len(rows)} cached answers from {cache}")
+        else:
+            cache.unlink(missing_ok=True)
+            log(f"replay: the cached answers {cache} are damaged: {problem}. Discarded them; the base model answers "
+                "again.")
+    if rows is None:
         from persona.inference import Chat
 
         from persona.recipe import detect_device
@@ -98,7 +147,7 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
         answers = chat.answer([(p, ()) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_batch=lambda done, total: log(f"replay: {done}/{total}"))
         rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
-        atomic_write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_replay_cache(cache, rows)
     own = [n.lower() for n in base.own_identity]
     samples = []
     for n, r in enumerate(rows, 1):

