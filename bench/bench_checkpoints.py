@@ -1,8 +1,9 @@
 """What mid-run checkpoints cost: the embedded default's CPU training with and without them, alternated.
 
 The same `train_lora` call the lora_adapter asset makes (the CPU recipe for the model, its curated dataset), once with
-`checkpoint_root` (a checkpoint every CHECKPOINT_FRACTION of the steps: adapter, optimizer, scheduler, RNG, trainer
-state) and once without (no mid-run save). Rounds alternate the order. Prints ms-swift's train_runtime for each.
+`checkpoint_root` (checkpoints by the clock of persona.checkpointing: adapter, optimizer, scheduler, RNG, trainer
+state; $PERSONA_CHECKPOINT_MIN_SECONDS sets the least gap, default 60 s) and once without (no mid-run save). Rounds
+alternate the order. Prints ms-swift's train_runtime for each, and what each mid-run save took.
 
     .venv/bin/python bench/bench_checkpoints.py [--rounds 2] [--model outputs/base_models/<folder>]
         [--data outputs/datasets/<version>/train.jsonl]
@@ -10,7 +11,6 @@ state) and once without (no mid-run save). Rounds alternate the order. Prints ms
 import argparse
 import glob
 import json
-import math
 import os
 import tempfile
 import time
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from persona.models import from_local_dir
 from persona.recipe import default_recipe
-from persona.training import CHECKPOINT_FRACTION, train_lora
+from persona.training import train_lora
 
 
 def main() -> None:
@@ -37,10 +37,11 @@ def main() -> None:
             for arm in (("with", "without") if r % 2 == 0 else ("without", "with")):
                 started = time.time()
                 root = Path(tmp, "checkpoints") if arm == "with" else None
+                lines = []
                 res = train_lora(base, args.data, recipe, Path(tmp, f"adapter-{r}-{arm}"), "cpu",
-                                 checkpoint_root=root, owner=f"bench-{r}")
-                saves = res.global_step // math.ceil(res.global_step * CHECKPOINT_FRACTION) if root else 0
-                row = {"round": r, "arm": arm, "steps": res.global_step, "mid_run_saves": saves,
+                                 checkpoint_root=root, owner=f"bench-{r}", on_output=lines.append)
+                saves = [line.split("(")[1].split(" s;")[0] for line in lines if "[persona] checkpoint at" in line]
+                row = {"round": r, "arm": arm, "steps": res.global_step, "mid_run_saves_s": saves,
                        "train_runtime_s": round(res.train_seconds, 1), "call_s": round(time.time() - started, 1)}
                 results[arm].append(row)
                 print(json.dumps(row), flush=True)

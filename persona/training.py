@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
+from persona.checkpointing import CALLBACK as CHECKPOINT_CALLBACK
 from persona.models import BaseModel
 from persona.preflight import PreflightError
 from persona.recipe import Recipe, resolve_dtype, scale_for_world
@@ -36,9 +37,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json"
 # What a checkpoint holds beyond the adapter, for resuming only: not copied into the adapter folder.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json",
                        "training_args.bin")
-# Mid-run checkpoints: one every CHECKPOINT_FRACTION of the run's steps (transformers reads a save_steps below 1 as a
-# ratio of the total). A killed run loses at most that share of its steps; saving costs <= 5 % of training time
-# (measured in BENCHMARKS.md "Checkpoints").
+# Mid-run checkpoints of a resumable training: on one device by the clock, so that saving costs at most 5 % of the
+# training time (persona.checkpointing); with several GPUs, whose ranks must agree on the step, one every
+# CHECKPOINT_FRACTION of the steps (transformers reads a save_steps below 1 as a ratio of the total).
 CHECKPOINT_FRACTION = 0.1
 RESUME_FILE = "persona_resume.json"  # in a run's checkpoint folder: what it trains, and the attempts so far
 RESULT_FILE = "persona_train_result.json"
@@ -376,8 +377,8 @@ def train_lora(
     run, which waits that long. Without it, on several GPUs, or when the standby does not answer, a fresh child
     trains.
 
-    With `checkpoint_root`, the training checkpoints every CHECKPOINT_FRACTION of its steps into a folder of its own
-    under it (named by resume_key: base weights, dataset bytes, ms-swift arguments), and a later call for the same
+    With `checkpoint_root`, the training checkpoints (persona.checkpointing: at most 5 % of its time) into a folder of
+    its own under it (named by resume_key: base weights, dataset bytes, ms-swift arguments), and a later call for the same
     training (a retry, a re-launch) resumes from the last complete checkpoint with ms-swift's resume_from_checkpoint.
     `owner` (e.g. the MLflow run id) is recorded there, so that the resumed attempt knows whom it continues
     (TrainResult.resumed_from). The folder is removed once the adapter is complete. Without it, a scratch folder is
@@ -415,7 +416,11 @@ def train_lora(
         if resume is not None:
             for stale in (RESULT_FILE, PREFLIGHT_FILE):  # an earlier attempt's
                 Path(work, stale).unlink(missing_ok=True)
-            swift_args.update(save_steps=CHECKPOINT_FRACTION, save_only_model=False, save_total_limit=2)
+            swift_args.update(save_only_model=False, save_total_limit=2)
+            if world_size > 1:
+                swift_args["save_steps"] = CHECKPOINT_FRACTION
+            else:
+                swift_args["callbacks"] = [*swift_args.get("callbacks", []), CHECKPOINT_CALLBACK]
             if resume.checkpoint:
                 swift_args["resume_from_checkpoint"] = str(resume.checkpoint)
         job = {"swift_args": swift_args, "device": device,
