@@ -14,16 +14,18 @@ from persona.promotion import Candidate, decide
 def champion(context: AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
              lora_adapter: LoraAdapter, mlflow_tracker: MlflowTracker) -> Output[dict]:
     candidate = Candidate.from_metrics(evaluation_report["scores"])
-    current = mlflow_tracker.champion()
-    holder = Candidate.from_metrics(current[1]) if current else None
-    decision = decide(candidate, holder, config.thresholds())
-    context.log.info(str(decision))
-    if decision.promote:
-        version = mlflow_tracker.promote(lora_adapter.mlflow_run_id, str(decision))
-        run_id = lora_adapter.mlflow_run_id
-    else:
-        version = current[0].version if current else None
-        run_id = current[0].run_id if current else None
+    # Compare and set as one step: two runs that finish together never both beat the same champion.
+    with mlflow_tracker.promotion_lock(on_wait=context.log.info):
+        current = mlflow_tracker.champion()
+        holder = Candidate.from_metrics(current[1]) if current else None
+        decision = decide(candidate, holder, config.thresholds())
+        context.log.info(str(decision))
+        if decision.promote:
+            version = mlflow_tracker.promote(lora_adapter.mlflow_run_id, str(decision))
+            run_id = lora_adapter.mlflow_run_id
+        else:
+            version = current[0].version if current else None
+            run_id = current[0].run_id if current else None
     result = {"promoted": decision.promote, "reasons": list(decision.reasons), "champion_version": version,
               "champion_run_id": run_id, "candidate_run_id": lora_adapter.mlflow_run_id}
     return Output(result, metadata={

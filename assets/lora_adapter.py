@@ -17,6 +17,8 @@ from orchestration.resources import MlflowTracker, Trainer, Workspace, unwritabl
 from persona.models import BaseModel
 from persona.plots import loss_curve_markdown, loss_curve_png
 from persona.recipe import CPU_DTYPE_ENV, cpu_dtype, default_recipe, detect_device, resolve_dtype
+from persona.families import trained_settings
+from persona.locks import exclusive
 from persona.training import TrainingError, TrainingInterrupted, available_recipe
 from persona.targets import ADAPTER_MANIFEST
 
@@ -34,6 +36,7 @@ class LoraAdapter:
 
 
 MANIFEST = ADAPTER_MANIFEST  # written last: its presence marks a complete adapter
+TRAINING_LOCK = ".training.lock"  # under outputs/: held while a training runs (persona.locks)
 
 
 # code_version: bump it with any change to how an adapter is trained (persona/recipe.py, training.py,
@@ -85,8 +88,13 @@ def lora_adapter(
                 context.log.info(line.removeprefix("[persona] "))
 
         target = workspace.output("adapters", run_id)
+        mlflow_tracker.discard_on_failure(target)  # a run that fails from here on leaves no adapter folder behind
+        # One training at a time on this machine, whoever started it (`persona run`, the sensor, the schedule, the
+        # launchpad): the pool limit covers the daemon's runs only. A second training waits here, and says so.
+        slot = exclusive(workspace.output(TRAINING_LOCK), f"the training of Dagster run {context.run_id[:8]}",
+                         on_wait=context.log.info)
         try:
-            with unwritable_is_failure(target):
+            with unwritable_is_failure(target), slot:
                 result = trainer.train(base_model, curated_dataset.path, recipe, target, device, on_progress=progress,
                                        checkpoint_root=workspace.output("checkpoints"), owner=run_id,
                                        on_output=output)
@@ -114,14 +122,17 @@ def lora_adapter(
         with tempfile.TemporaryDirectory() as tmp:  # the picture lives in MLflow, not in the adapter folder
             mlflow.log_artifact(str(loss_curve_png(result.log_history, Path(tmp, "loss_curve.png"), run_name)), "plots")
         adapter = LoraAdapter(result.adapter_dir, run_id, device, recipe.system, curated_dataset.version, identity)
-        manifest = {**asdict(adapter), "base_model": base_model.path, "template": base_model.template,
+        trained = trained_settings(result.adapter_dir)  # what ms-swift trained with (its args.json)
+        manifest = {**asdict(adapter), "base_model": base_model.path,
+                    "template": trained["template"] or base_model.template,
                     "dataset_probes": curated_dataset.probes_path}
         mlflow.log_artifacts(result.adapter_dir, artifact_path="adapter")
         # The registry's copy is usable on its own (`persona chat --champion`, `serve`, `export`).
         mlflow.log_dict(manifest, f"adapter/{MANIFEST}")
         mlflow.set_tag("persona.trainer", "standby" if result.standby else "fresh process")
-
-    Path(result.adapter_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        # Last, inside the run: the manifest marks a complete adapter, and a failure to write it fails the run too.
+        Path(result.adapter_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False),
+                                                      encoding="utf-8")
     return Output(
         adapter,
         metadata={

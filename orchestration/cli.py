@@ -1,5 +1,8 @@
 """The `persona` command: run the pipeline, check data files, evaluate; ask, chat, export and serve the base model, the
-champion or any adapter."""
+champion or any adapter.
+
+Why this module is long: it is the command line's one table of subcommands and flags, with each command's few lines
+of glue; the work itself lives in persona/ and orchestration/ (plain_errors, instance, project_config)."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +20,9 @@ def _run(args: argparse.Namespace) -> int:
     from orchestration.project_config import link_instance_config, load_run_config, run_tags
 
     link_instance_config(os.environ["DAGSTER_HOME"])  # so `dagster dev` on this home runs one training at a time
-    from dagster import DagsterInstance
-
     from orchestration.definitions import defs
+    from orchestration.instance import open_instance
+    from orchestration.plain_errors import plain_job, quiet_log_mirrors, run_failure
     from orchestration.resources import Workspace
 
     # persona.yaml, then the flags given on top (an absent flag leaves persona.yaml's value, or the default).
@@ -27,20 +30,17 @@ def _run(args: argparse.Namespace) -> int:
              "lora_adapter": {"device": args.device} if args.device else {}}
     run_config = load_run_config({"ops": {op: {"config": cfg} for op, cfg in flags.items() if cfg}})
     job = defs.resolve_job_def("train_persona")
+    tags = run_tags(run_config, Workspace().data_dir, "cli")
+    if not args.debug:  # one plain line per error in the log instead of stack traces; Ctrl-C reaches persona only
+        job, run_config = plain_job(job, run_config)
+        quiet_log_mirrors()
     started = time.time()
-    result = job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(), raise_on_error=False,
-                                    tags=run_tags(run_config, Workspace().data_dir, "cli"))
+    result = job.execute_in_process(run_config=run_config, instance=open_instance(), raise_on_error=False, tags=tags)
     took = time.time() - started
     if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure:
-                err = event.step_failure_data.error
-                user = event.step_failure_data.user_failure_data
-                print(f"\n✗ {event.step_key} failed:\n{(user.description if user and user.description else err.message)}",
-                      file=sys.stderr)
-        print(f"\nThe run stopped after {took:.0f} s; earlier datasets, adapters and MLflow runs are untouched.",
-              file=sys.stderr)
-        return 1
+        code, message = run_failure(result, took, debug=args.debug)
+        print(message, file=sys.stderr)
+        return code
     _print_report(result, took)
     return 0
 
@@ -83,18 +83,72 @@ def _print_report(result, took: float) -> None:
         print(f"(could not write outputs/{LAST_RUN}: {exc})", file=sys.stderr)
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from persona.data import DatasetError, load_dataset
-    from persona.probes import load_probes
-    from persona.tokens import token_counter
-    from persona.models import family_for
+VALIDATE_HELP = """Check training files with every check `persona run` makes on them, with persona.yaml's settings
+(its curated_dataset sources, probes, min_samples, max_length and identity, and its base_model); a flag overrides
+one. Checked: the file itself (a regular file, no FIFO or device, at most 16 MiB), UTF-8, JSON (no duplicate keys, no
+absurd nesting), fields and types, roles, placeholders, one answer per question, answers naming the base model's own
+identity, probes leaked into training, the probe file's own format, the token length and the sample count.
 
-    family = family_for(None, args.base_model)
+Token lengths are counted with the base model's tokenizer, as the run counts them:
+  - the embedded default (or embedded:NAME): its converted folder under outputs/base_models/ once a run has converted
+    it; before that, the same tokenizer read from the embedded GGUF (validate then takes 10-20 s: the parts are
+    assembled into a temporary folder; the conversion saves exactly this tokenizer, so the counts are the run's);
+  - a local model folder: its tokenizer;
+  - a ModelScope id: its copy downloaded by a run. Not downloaded yet: validate says so and stops (exit status 2):
+    `persona run` downloads it, or pass --tokenizer FOLDER, or --max-length 0 to skip the length check.
+Not checked: the general data the run mixes in (replay or hub rows): it is not yours to fix, and hub rows that fail
+are left out. Exit status: 0 ok, 1 problems (printed as file:line: problem — fix), 2 a check could not run."""
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from orchestration.config import CurationConfig
+    from orchestration.project_config import load_run_config, op_config
+    from orchestration.resources import DataPathError, ModelHub, Workspace
+    from persona.base_tokenizer import base_tokenizer, folder_tokenizer
+    from persona.data import DatasetError, load_dataset
+    from persona.models import ModelSourceError, family_for
+    from persona.probes import load_probes
+
     try:
-        probes = [p.question for p in load_probes(args.probes)] if args.probes else []
-        ds = load_dataset([Path(p) for p in args.paths], eval_questions=probes, min_samples=args.min_samples,
-                          own_identity=family.own_identity, max_length=args.max_length,
-                          count_tokens=token_counter(args.tokenizer, family.template) if args.tokenizer else None)
+        run_config = load_run_config()
+    except ValueError as exc:  # a mistake in persona.yaml, located
+        print(f"persona validate: {exc}", file=sys.stderr)
+        return 2
+    config = CurationConfig(**op_config(run_config, "curated_dataset"))
+    base_config = op_config(run_config, "base_model")
+    source = args.base_model or base_config.get("model") or "embedded"
+    max_length = config.max_length if args.max_length is None else args.max_length
+    min_samples = config.min_samples if args.min_samples is None else args.min_samples
+    identity = config.identity()
+
+    def data_file(name: str) -> Path:  # as the run names files: inside the data folder (a symlink loop: the reader's)
+        try:
+            return Workspace().data_file(name)
+        except RuntimeError:
+            return Path(Workspace().data_dir, name)
+
+    try:
+        paths = [Path(p) for p in args.paths] or [data_file(s) for s in config.sources]
+        probes_file = Path(args.probes) if args.probes else data_file(config.probes)
+    except DataPathError as exc:
+        print(f"persona validate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if not max_length:
+            tokens, own, counted = None, family_for(None, source).own_identity, "not checked (--max-length 0)"
+        else:
+            tok = folder_tokenizer(args.tokenizer, source) if args.tokenizer else \
+                base_tokenizer(source, base_config.get("revision", "master"), Path(ModelHub().cache_dir))
+            tokens, own, counted = tok.count, tok.own_identity, f"at most {max_length} tokens of {tok.described}"
+    except ModelSourceError as exc:
+        print(f"persona validate: {exc}", file=sys.stderr)
+        return 2
+    print(f"checking {', '.join(map(str, paths))}: probes {probes_file}, min_samples {min_samples}, length "
+          f"{counted}", file=sys.stderr)
+    try:
+        probes = [p.filled(identity).question for p in load_probes(probes_file)]
+        ds = load_dataset(paths, eval_questions=probes, min_samples=min_samples, identity=identity, own_identity=own,
+                          count_tokens=tokens, max_length=max_length)
     except DatasetError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -107,6 +161,7 @@ def _registry():
     from persona.targets import Registry
 
     tracker = MlflowTracker()
+    tracker.check_store()  # a damaged or emptied mlflow.db is refused, not silently recreated
     return Registry(tracker.tracking_uri, tracker.registered_model, Workspace().output("adapters"),
                     Workspace().output("registry"))
 
@@ -285,22 +340,31 @@ def _add_target_flags(cmd: argparse.ArgumentParser, base: bool = True, many: boo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestration.plain_errors import DEBUG_ENV, call
+
     parser = argparse.ArgumentParser(prog="persona", description="Give an open LLM a new identity with LoRA.")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV, "").strip().lower() in (
+        "1", "on", "true", "yes"), help=f"show Python tracebacks and Dagster's stack traces (also ${DEBUG_ENV}=1); "
+        "without it an error is one line: what failed, why, what to do")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole pipeline (train_persona job)")
     run.add_argument("--model", help="'embedded' (default: Qwen2.5-Coder-0.5B-Instruct), 'embedded:smollm2-135m', "
                      "a local model folder, or a ModelScope id")
     run.add_argument("--device", help="'auto' (default), 'cpu' or 'cuda'")
     run.set_defaults(func=_run)
-    val = sub.add_parser("validate", help="check training files; prints file:line: problem — fix")
-    val.add_argument("paths", nargs="+")
-    val.add_argument("--min-samples", type=int, default=20)
-    val.add_argument("--probes", help="evaluation probes (JSONL) that must not appear in training")
-    val.add_argument("--base-model", default="embedded",
-                     help="whose own identity answers must not name (embedded or Qwen/... = 通义千问; "
+    val = sub.add_parser("validate", help="check training files as a run does; prints file:line: problem — fix",
+                         description=VALIDATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    val.add_argument("paths", nargs="*", help="training files (default: persona.yaml's sources in the data folder)")
+    val.add_argument("--min-samples", type=int, default=None, help="default: persona.yaml's min_samples, else 20")
+    val.add_argument("--probes", help="evaluation probes (JSONL) that must not appear in training (default: "
+                     "persona.yaml's probes in the data folder, data/probes.jsonl)")
+    val.add_argument("--base-model", default=None,
+                     help="the base model whose tokenizer counts tokens and whose own identity answers must not name "
+                     "(default: persona.yaml's base_model, else embedded; embedded or Qwen/... = 通义千问; "
                      "embedded:smollm2-135m = SmolLM)")
-    val.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens for the max-length check")
-    val.add_argument("--max-length", type=int, default=512)
+    val.add_argument("--tokenizer", help="count tokens with this model folder's tokenizer instead of the base model's")
+    val.add_argument("--max-length", type=int, default=None, help="default: persona.yaml's max_length, else 512; "
+                     "0 skips the length check")
     val.set_defaults(func=_validate)
     for name, func, text in (("evaluate", _evaluate, "probe base, prompt-only and adapter; print a table or JSON"),
                              ("ask", _ask, "one answer, for scripts (default: the champion, else the newest adapter)"),
@@ -337,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-length", type=int, default=2048, help="prompt + answer tokens; longer prompts get a 400")
     srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return call(lambda: args.func(args), args.command, args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 
 
+_DISCARD: dict[str, list[Path]] = {}  # MLflow run id -> what MlflowTracker.run removes if its block fails
+
+
 def _home(*parts: str) -> str:
     return str(Path(os.environ.get("PERSONA_HOME", PROJECT_ROOT), *parts))
 
@@ -134,6 +137,22 @@ class ModelHub(ConfigurableResource):
         return resolve_base_model(model, revision, Path(self.cache_dir))
 
 
+def _unwritable(exc: BaseException) -> str | None:
+    """'<what>: <why>' when `exc` (or what it came from) is a full disk or an unwritable file or database."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                      errno.EPERM):
+            return f"{exc.filename or 'a file'}: {exc.strerror or exc}"
+        text = str(exc)
+        if "database or disk is full" in text or "readonly database" in text:
+            return f"MLflow's tracking database: {'database or disk is full' if 'full' in text else 'read-only'}"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _is_server(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://"))
 
@@ -157,10 +176,20 @@ class MlflowTracker(ConfigurableResource):
     def client(self):
         import mlflow
 
+        self.check_store()
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         return mlflow.MlflowClient(self.tracking_uri)
+
+    def check_store(self) -> None:
+        """Refuse (TrackingStoreError) a local tracking database that is damaged, or missing or empty while earlier
+        runs' artifacts exist, before MLflow would silently start a new history (orchestration.tracking_store). A
+        tracking server guards its own store."""
+        from orchestration.tracking_store import check_local_store, local_path
+
+        if self.tracking_uri.startswith("sqlite:///"):
+            check_local_store(Path(self.tracking_uri.removeprefix("sqlite:///")), local_path(self.artifact_root))
 
     def experiment_id(self) -> str:
         client = self.client()
@@ -173,13 +202,93 @@ class MlflowTracker(ConfigurableResource):
 
     @contextmanager
     def run(self, run_id: str | None = None, **start_kwargs) -> Iterator:
-        """Start (or reopen) a run; it ends FAILED if the block raises."""
+        """Start (or reopen) a run. If the block raises, the run ends FAILED (KILLED when interrupted: Ctrl-C, a
+        termination request) with the reason in the tag persona.error unless the block set one; a run started here
+        keeps no artifacts (they would be partial), the paths given to discard_on_failure are removed, and an
+        interrupt, a full disk or an unwritable folder becomes a Failure that is not retried. A new run starts with a
+        copy of a local tracking database (orchestration.tracking_store)."""
         import mlflow
 
+        from orchestration.tracking_store import backup_local_store
+
         self.client()
-        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id(),
-                              **start_kwargs) as active:
+        if run_id is None and self.tracking_uri.startswith("sqlite:///"):
+            backup_local_store(Path(self.tracking_uri.removeprefix("sqlite:///")))
+        active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id(), **start_kwargs)
+        try:
             yield active
+        except BaseException as exc:
+            failure = self._failed(active.info.run_id, exc, started=run_id is None)
+            if failure is None:
+                raise
+            raise failure from exc
+        else:
+            mlflow.end_run()
+        finally:
+            _DISCARD.pop(active.info.run_id, None)
+
+    def discard_on_failure(self, *paths: str | Path) -> None:
+        """Remove `paths` if the block of the active `run()` fails: what the run made that is no use without it (the
+        adapter folder of a training whose run did not finish)."""
+        import mlflow
+
+        _DISCARD.setdefault(mlflow.active_run().info.run_id, []).extend(Path(p) for p in paths)
+
+    def _failed(self, run_id: str, exc: BaseException, started: bool) -> Failure | None:
+        """End the failed run as run() says; the Failure to raise instead of `exc`, or None to re-raise it."""
+        import shutil
+
+        import mlflow
+
+        from orchestration.plain_errors import INTERRUPTS, reason
+        from orchestration.tracking_store import remove_run_artifacts
+
+        stopped = type(exc).__name__ in INTERRUPTS
+        why = ("interrupted (Ctrl-C, or a termination request)" if stopped
+               else exc.description if isinstance(exc, Failure) and exc.description else reason(exc))
+        client, recorded = mlflow.MlflowClient(self.tracking_uri), True
+        try:
+            if "persona.error" not in client.get_run(run_id).data.tags:
+                client.set_tag(run_id, "persona.error", why[:5000])
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            recorded = False
+        try:
+            mlflow.end_run("KILLED" if stopped else "FAILED")
+        except Exception:  # noqa: BLE001
+            recorded = False
+        if started:
+            try:
+                remove_run_artifacts(client, run_id)
+            except Exception:  # noqa: BLE001
+                pass
+        for path in _DISCARD.get(run_id, []):
+            shutil.rmtree(path, ignore_errors=True)
+        status = (f"MLflow run {run_id} ended {'KILLED' if stopped else 'FAILED'}"
+                  + (" and its partial artifacts were removed" if started and not stopped else "") if recorded
+                  else f"MLflow could not record it either (run {run_id} stays RUNNING: its store is not writable)")
+        if stopped:
+            return Failure(description=f"Interrupted (Ctrl-C, or a termination request); {status}.",
+                           allow_retries=False)
+        unwritable = None if isinstance(exc, Failure) else _unwritable(exc)  # (a Failure says it already)
+        if unwritable is not None:
+            return Failure(description=f"Cannot write {unwritable}. Free disk space or fix the folder's permissions, "
+                                       f"then run again; {status}, and earlier datasets, adapters, MLflow runs and the "
+                                       "champion are untouched.", allow_retries=False)
+        return None
+
+    def end_runs_of(self, dagster_run_id: str, reason: str) -> list[str]:
+        """End the RUNNING MLflow runs that the Dagster run `dagster_run_id` started (tag dagster_run_id) as KILLED,
+        with `reason` in the tag persona.error; their ids. (For a run whose process died: orchestration.stale_runs.)"""
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return []
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.dagster_run_id = '{dagster_run_id}' "
+                                  "and attributes.status = 'RUNNING'")
+        for run in runs:
+            client.set_tag(run.info.run_id, "persona.error", reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+        return [run.info.run_id for run in runs]
 
     def run_url(self, run_id: str) -> str:
         run = self.client().get_run(run_id)
@@ -197,6 +306,20 @@ class MlflowTracker(ConfigurableResource):
         except MlflowException:
             return None
         return version, client.get_run(version.run_id).data.metrics
+
+    @contextmanager
+    def promotion_lock(self, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Held while a run reads the champion, decides and moves the alias (persona.locks). A file lock beside a
+        local store; a tracking server has no lock that spans machines, so there the decision relies on one
+        promotion at a time (the training pool; DEPLOYMENT.md)."""
+        from persona.locks import exclusive
+
+        if not self.tracking_uri.startswith("sqlite:///"):
+            yield
+            return
+        lock = Path(self.tracking_uri.removeprefix("sqlite:///")).parent / ".promotion.lock"
+        with exclusive(lock, "a champion promotion", on_wait):
+            yield
 
     def promote(self, run_id: str, description: str) -> str:
         """Register the run's `adapter/` artifacts (not the base weights) and move `champion` to them."""

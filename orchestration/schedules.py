@@ -10,7 +10,8 @@ from dagster import (DagsterRunStatus, DefaultScheduleStatus, RunRequest, RunsFi
 
 from orchestration.project_config import (UPSTREAM_TAG, last_adapter_run, load_run_config, run_tags, switched_off,
                                           switched_on)
-from orchestration.resources import Workspace
+from orchestration.resources import MlflowTracker, Workspace
+from orchestration.stale_runs import reap_stale_runs
 
 CRON_ENV = "PERSONA_RETRAIN_CRON"
 CRON = "0 3 * * 1"                      # Mondays at 03:00 UTC
@@ -27,9 +28,13 @@ NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRu
     description=f"Retrains on ${CRON_ENV} (default '{CRON}', UTC) if the data, base model, training recipe or code "
     f"version changed since the last adapter; ${ALWAYS_ENV}=1 retrains on every tick.",
 )
-def retrain_schedule(context: ScheduleEvaluationContext, workspace: Workspace) -> RunRequest | SkipReason:
+def retrain_schedule(context: ScheduleEvaluationContext, workspace: Workspace,
+                     mlflow_tracker: MlflowTracker) -> RunRequest | SkipReason:
     if switched_off(SWITCH_ENV):
         return SkipReason(f"Turned off by {SWITCH_ENV}={os.environ[SWITCH_ENV]}.")
+    reaped = reap_stale_runs(context.instance, mlflow_tracker, workspace.outputs_dir)  # a ghost run is not in flight
+    if reaped:
+        context.log.warning(reaped.describe())
     run_config = load_run_config()
     tags = run_tags(run_config, workspace.data_dir, "schedule")
     if switched_on(ALWAYS_ENV):

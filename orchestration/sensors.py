@@ -11,7 +11,8 @@ from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, Se
 
 from orchestration.project_config import (DATA_HASH_TAG, dataset_hash, dataset_sources, last_adapter_run,
                                           load_run_config, run_tags, switched_off)
-from orchestration.resources import Workspace
+from orchestration.resources import MlflowTracker, Workspace
+from orchestration.stale_runs import reap_stale_runs
 
 SWITCH_ENV = "PERSONA_DATASET_SENSOR"            # "off" turns the sensor off
 QUIET_ENV = "PERSONA_SENSOR_QUIET_SECONDS"       # how long the files must stay unchanged before a run starts
@@ -27,7 +28,11 @@ INTERVAL_SECONDS = 15
     description="Retrains when the data files curation reads, or the curation config in persona.yaml, change: one "
     f"run per distinct content, once the files have been quiet for ${QUIET_ENV} seconds (default {QUIET_SECONDS}).",
 )
-def dataset_sensor(context: SensorEvaluationContext, workspace: Workspace) -> SensorResult:
+def dataset_sensor(context: SensorEvaluationContext, workspace: Workspace, mlflow_tracker: MlflowTracker) -> SensorResult:
+    # Every tick first ends the runs a killed process left STARTED: they would hold the training pool forever.
+    reaped = reap_stale_runs(context.instance, mlflow_tracker, workspace.outputs_dir)
+    if reaped:
+        context.log.warning(reaped.describe())
     if switched_off(SWITCH_ENV):
         return SensorResult(skip_reason=f"Turned off by {SWITCH_ENV}={os.environ[SWITCH_ENV]}.")
     run_config = load_run_config()

@@ -72,7 +72,8 @@ class Standby:
     accept_timeout: float = 120.0  # a standby still importing accepts when done (~25 s measured); then give up
 
     def key(self) -> str:
-        env = sorted((k, v) for k, v in self.env.items() if k in KEY_VARIABLES or k.startswith("PERSONA_"))
+        env = sorted((k, v) for k, v in self.env.items()
+                     if (k in KEY_VARIABLES or k.startswith("PERSONA_")) and k != "PERSONA_TRAINING_PARENT")
         h = hashlib.sha256(repr((sys.executable, self.device, _code_digest(), env)).encode())
         return h.hexdigest()[:20]
 

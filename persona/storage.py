@@ -14,7 +14,8 @@ def staged_dir(target: Path) -> Iterator[Path]:
     """Yield a scratch folder beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # The writer's pid is in the name, so that what a killed process left is known (remove_orphaned_partials).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -27,6 +28,30 @@ def staged_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def remove_orphaned_partials(root: str | Path) -> list[Path]:
+    """Remove the scratch folders of staged_dir (`.<name>.partial-<pid>-*`, `.<name>.old-<pid>`) under `root` whose
+    writing process no longer exists: what a killed run left half-written. Returns what was removed."""
+    import re
+
+    pattern = re.compile(r"^\..+\.(?:partial|old)-(\d+)(?:-.*)?$")
+    removed = []
+    for path in Path(root).rglob(".*"):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its writer is alive (or it is another user's: then it is not ours to remove)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -20,6 +20,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROCESS_START = time.time()  # before persona's imports, which bring transformers
+PARENT_ENV = "PERSONA_TRAINING_PARENT"  # the pid of the process that started this child (persona.training.child_env)
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so that a killed run never
+    leaves a training that holds the CPU or GPU, whether it prints or not. If the parent died before this call, exit
+    now. Under torchrun the parent is torchrun's agent, which has the same setting."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's supervision is all there is
+        return
+    if expected_parent and os.getppid() != expected_parent:
+        sys.exit(f"[persona] the process that started this training ({expected_parent}) is gone; not training")
+
+
+if __name__ == "__main__" and sys.argv[1:2] != ["--standby"]:  # a standby outlives runs by design (persona.standby)
+    die_with_parent(int(os.environ.get(PARENT_ENV) or 0) or None)
 
 from persona.training import PREFLIGHT_FILE, RESULT_FILE  # noqa: E402
 
@@ -120,6 +141,10 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
 
     # ms-swift's loader defaults to trust_remote_code=True; persona never runs code shipped with weights.
     ModelLoader.default_trust_remote_code = False
+    from persona import checkpointing
+
+    if checkpointing.CALLBACK in args.get("callbacks", []):
+        checkpointing.register()  # (the clock that decides when a resumable training saves)
 
     if job.get("replay_kl_weight"):
         from persona import distill
@@ -187,6 +212,26 @@ def _apply_env(env: dict, started_with: dict) -> None:
     os.environ.update({str(k): str(v) for k, v in env.items()})
 
 
+def watch_client(conn: socket.socket) -> None:
+    """End this process when the run that handed it the job goes away (its end of the socket closes), also while
+    the training prints nothing: a killed run must not leave a training behind."""
+    import select
+    import threading
+
+    def watch() -> None:
+        while True:
+            select.select([conn], [], [])
+            try:
+                if conn.recv(1, socket.MSG_PEEK) == b"":
+                    break
+            except OSError:
+                break
+            time.sleep(1)  # (the client sends nothing after the request; anything else is ignored)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="persona-client-watch").start()
+
+
 def serve(address: str, device: str, idle_seconds: float) -> int:
     """`--standby`: listen on `address`, prepare, then run the first job handed over (see persona.standby).
 
@@ -239,6 +284,7 @@ def serve(address: str, device: str, idle_seconds: float) -> int:
     sys.stderr.flush()
     os.dup2(conn.fileno(), 1)
     os.dup2(conn.fileno(), 2)
+    watch_client(conn.dup())
     conn.close()
     _apply_env(request.get("env") or {}, started_with)
     code = 0

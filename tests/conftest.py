@@ -63,7 +63,8 @@ def build_tiny_model(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    # "smollm" in the name: persona treats it as the SmolLM family (llama + chatml, own names SmolLM/Hugging Face).
+    # "smollm" in the name: persona treats it as the SmolLM family (own names SmolLM/Hugging Face); ms-swift's
+    # llama + chatml (persona.families: a llama whose tokenizer has no chat template).
     return build_tiny_model(tmp_path_factory.mktemp("tiny-smollm"))
 
 
@@ -127,3 +128,14 @@ def _no_tracking_server(monkeypatch):
 def _hash_cache(tmp_path_factory, monkeypatch):
     """Weight digests are remembered in a test-session folder, not in the user's ~/.cache."""
     monkeypatch.setenv("PERSONA_HASH_CACHE", str(tmp_path_factory.getbasetemp() / "file-hashes.json"))
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_defs_state_storage():
+    """Dagster keeps the DefsStateStorage of the instance last entered as a context manager in a context variable;
+    when an instance fixture of another module has been disposed and collected, materialize() would find its dead
+    storage ("Attempted to resolve undefined DagsterInstance weakref", depending on garbage-collection timing).
+    Each test starts without one, as a fresh process does."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)

@@ -84,3 +84,49 @@ def test_quality_checks_warn_against_the_gate_thresholds():
     assert not adversarial_resisted({"scores": {"eval/adversarial_adapter": 0.2}}).passed
     assert adversarial_resisted({"scores": {}}).metadata["note"].value == "no adversarial probes"
     assert identity_learned({"scores": {"eval/identity_score_after": 0.8}}).passed
+
+
+def test_two_runs_that_finish_together_never_both_become_champion(home, resources, tmp_path, monkeypatch):
+    """Compare and set: two equally good adapters decide at the same moment (each decision is held open so that the
+    other reads the champion meanwhile); one is promoted, the other then ties with it and is not."""
+    import threading
+    import time
+
+    from dagster import build_asset_context
+
+    import assets.champion
+    from assets.champion import champion
+    from assets.lora_adapter import LoraAdapter
+    from orchestration.config import PromotionConfig
+
+    tracker = resources["mlflow_tracker"]
+    good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
+            "eval/adversarial_adapter": 0.8}
+    candidates = []
+    for _ in range(2):
+        with tracker.run() as run:
+            adapter_dir = tmp_path / run.info.run_id
+            adapter_dir.mkdir()
+            (adapter_dir / "adapter_config.json").write_text("{}")
+            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+            mlflow.log_metrics(good)
+        candidates.append(LoraAdapter(str(adapter_dir), run.info.run_id, "cpu", "s", "v"))
+    slow_decide = assets.champion.decide
+
+    def decide(*args, **kw):
+        time.sleep(1.0)  # the window between reading the champion and moving the alias, made wide
+        return slow_decide(*args, **kw)
+
+    monkeypatch.setattr(assets.champion, "decide", decide)
+    outcomes = []
+    threads = [threading.Thread(target=lambda a=a: outcomes.append(champion(
+        build_asset_context(), config=PromotionConfig(), evaluation_report={"scores": good}, lora_adapter=a,
+        mlflow_tracker=tracker).value)) for a in candidates]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o["promoted"] for o in outcomes) == [False, True]
+    (winner,) = [o for o in outcomes if o["promoted"]]
+    assert tracker.champion()[0].run_id == winner["candidate_run_id"]
+    assert len(mlflow.MlflowClient().search_model_versions(f"name='{tracker.registered_model}'")) == 1

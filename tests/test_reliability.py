@@ -98,6 +98,38 @@ MALFORMED = {
     "sample too long": ("self_cognition.json", dump(good_json(r8={"output": "Tiny-Robot " * 700})),
                         "longer than max_length 512"),
     "empty file": ("self_cognition.json", "", "must be a JSON array"),
+    "duplicate key": ("self_cognition.json", dump(GOOD)[:-3] + ', "output": "Nobody."}\n]', "duplicate key 'output'"),
+    "100k-deep nesting": ("self_cognition.jsonl", jsonl(GOOD) + "[" * 100_000 + "]" * 100_000 + "\n",
+                          "JSON nested too deeply"),
+}
+
+
+_GUARDS: list[threading.Timer] = []
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+    def release():  # should a regression open it: a writer that comes and goes ends the read (EOF), not the suite
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing hangs
+            pass
+    guard = threading.Timer(60, release)
+    guard.daemon = True
+    guard.start()
+    _GUARDS.append(guard)
+
+
+# name -> (file, make it, text the error must contain): files that are not what they seem (issue #21, point 5)
+HOSTILE = {
+    "a FIFO named like the dataset": ("self_cognition.json", _fifo, "a named pipe (FIFO), not a regular file"),
+    "a symlink loop": ("self_cognition.json", lambda p: p.symlink_to(p.name), "a symbolic link loop"),
+    "a 17 MiB file": ("self_cognition.json", lambda p: p.write_text(" " * (17 * 2**20) + dump(GOOD)),
+                      "over the 16 MiB limit for a data file"),
+    "expect_any a string": ("probes.jsonl", lambda p: p.write_text(json.dumps(
+        {"kind": "identity_en", "question": "Who are you?", "expect_any": "I am a banana"}) + "\n"),
+        "'expect_any' must be a list of strings, got the string 'I am a banana'"),
 }
 
 
@@ -152,6 +184,29 @@ def test_malformed_datasets_are_rejected_and_lose_nothing(trained, tiny_model, h
         step, message = failed_step(result)
         assert step == "curated_dataset", (name, step, message)
         assert expected in message and f"{path}:" in message, (name, message)
+        assert snapshot(home, resources["mlflow_tracker"]) == trained, name
+        COUNTS["inputs rejected"] += 1
+
+
+def test_hostile_files_stop_the_run_located_and_lose_nothing(trained, tiny_model, home, resources):
+    data = home / "data"
+    for name, (file, make, expected) in HOSTILE.items():
+        COUNTS["inputs tried"] += 1
+        path = data / file
+        kept = path.with_name(path.name + ".bak")
+        path.rename(kept)
+        make(path)
+        try:
+            result = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model), raise_on_error=False)
+        finally:
+            while _GUARDS:
+                _GUARDS.pop().cancel()
+            path.unlink()
+            kept.rename(path)
+        assert not result.success, name
+        step, message = failed_step(result)
+        assert step == "curated_dataset", (name, step, message)
+        assert f"{path}:" in message and expected in message, (name, message)
         assert snapshot(home, resources["mlflow_tracker"]) == trained, name
         COUNTS["inputs rejected"] += 1
 

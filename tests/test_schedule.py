@@ -9,7 +9,7 @@ from dagster import (DagsterRun, DagsterRunStatus, RunRequest, SkipReason, asset
 
 from orchestration import schedules
 from orchestration.project_config import UPSTREAM_TAG, load_run_config, run_tags
-from orchestration.resources import Workspace
+from orchestration.resources import MlflowTracker, Workspace
 from orchestration.schedules import ALWAYS_ENV, CRON, CRON_ENV, retrain_schedule
 
 
@@ -28,7 +28,8 @@ def fresh_instance():
 
 def tick(instance, home):
     return retrain_schedule(build_schedule_context(instance=instance,
-                                                   resources={"workspace": Workspace(data_dir=str(home / "data"))}))
+                                                   resources={"workspace": Workspace(data_dir=str(home / "data")),
+                                                              "mlflow_tracker": MlflowTracker()}))
 
 
 def record_adapter(instance, home) -> str:

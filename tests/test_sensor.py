@@ -8,7 +8,7 @@ from dagster import asset, build_sensor_context, instance_for_test, materialize
 
 from orchestration import sensors
 from orchestration.project_config import DATA_HASH_TAG, UPSTREAM_TAG, dataset_hash, load_run_config
-from orchestration.resources import Workspace
+from orchestration.resources import MlflowTracker, Workspace
 from orchestration.sensors import QUIET_ENV, dataset_sensor
 
 
@@ -35,7 +35,8 @@ class Ticks:
 
     def __call__(self):
         context = build_sensor_context(instance=self.instance, cursor=self.cursor,
-                                       resources={"workspace": Workspace(data_dir=str(self.home / "data"))})
+                                       resources={"workspace": Workspace(data_dir=str(self.home / "data")),
+                                                  "mlflow_tracker": MlflowTracker()})
         result = dataset_sensor(context)
         self.cursor = result.cursor or self.cursor
         self.run_requests += result.run_requests or []
