@@ -258,8 +258,9 @@ def test_ask_and_evaluate_errors_are_one_line_and_debug_shows_the_traceback(cli,
 # --- point 4: a full or broken tracking store ----------------------------------------------------------------------
 
 
-def full_after(fraction: float):
-    """MLflow's copy of a folder into its local artifact store, on a disk that fills up in the first weights file."""
+def full_after(fraction: float, code: int = errno.ENOSPC):
+    """MLflow's copy of a folder into its local artifact store, on a disk that fills up in the first weights file
+    (ENOSPC), or that turns out read-only there (EROFS: a remounted disk; root ignores file permissions)."""
     def copy(src_dir, dst_dir):
         for dirpath, _, filenames in os.walk(src_dir):
             target = os.path.normpath(os.path.join(dst_dir, os.path.relpath(dirpath, src_dir)))
@@ -269,26 +270,27 @@ def full_after(fraction: float):
                 if name.endswith(".safetensors"):
                     data = Path(src).read_bytes()
                     Path(dst).write_bytes(data[:int(len(data) * fraction)])  # what fitted
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+                    raise OSError(code, os.strerror(code), dst)
                 shutil.copy2(src, dst)
     return copy
 
 
+@pytest.mark.parametrize("code, fraction", [(errno.ENOSPC, 0.37), (errno.EROFS, 0.0)], ids=["full", "read-only"])
 def test_a_full_mlflow_disk_fails_the_run_with_a_reason_and_leaves_nothing_partial(trained, cli, home, resources,
-                                                                                  capsys, monkeypatch):
+                                                                                  capsys, monkeypatch, code, fraction):
     import mlflow.store.artifact.local_artifact_repo as local_repo
 
-    monkeypatch.setattr(local_repo, "shutil_copytree_without_file_permissions", full_after(0.37))
+    monkeypatch.setattr(local_repo, "shutil_copytree_without_file_permissions", full_after(fraction, code))
     new_data(home)
     assert cli(["run"]) == 1
     err = capsys.readouterr().err
     (run,) = new_runs(home, trained)  # one attempt: a full disk is not retried
     weights = Path(run.info.artifact_uri.removeprefix("file://")) / "adapter" / "adapter_model.safetensors"
-    assert (f"✗ lora_adapter failed:\nCannot write {weights}: No space left on device. Free disk space or fix the "
+    assert (f"✗ lora_adapter failed:\nCannot write {weights}: {os.strerror(code)}. Free disk space or fix the "
             f"folder's permissions, then run again; MLflow run {run.info.run_id} ended FAILED and its partial "
             "artifacts were removed, and earlier datasets, adapters, MLflow runs and the champion are untouched.") in err
     assert_plain(err)
-    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["persona.error"]
+    assert run.info.status == "FAILED" and os.strerror(code) in run.data.tags["persona.error"]
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert not artifacts.exists() and not artifacts.parent.exists()  # the partial weights and the run's folder
     adapters = home / "outputs" / "adapters"
