@@ -4,6 +4,19 @@ import mlflow
 from persona.promotion import Candidate, Thresholds, decide
 
 
+def trained_adapter(tracker, tmp_path, scores: dict):
+    """An MLflow run with an (empty) adapter artifact and evaluation scores, as lora_adapter and evaluation log them."""
+    from assets.lora_adapter import LoraAdapter
+
+    with tracker.run() as run:
+        adapter_dir = tmp_path / run.info.run_id
+        adapter_dir.mkdir()
+        (adapter_dir / "adapter_config.json").write_text("{}")
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+        mlflow.log_metrics(scores)
+    return LoraAdapter(str(adapter_dir), run.info.run_id, "cpu", "s", "v")
+
+
 def cand(identity=0.9, general=0.6, general_base=0.6, adversarial=0.8):
     return Candidate(identity, general, general_base, adversarial)
 
@@ -46,13 +59,7 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
     tracker = resources["mlflow_tracker"]
 
     def trained(scores: dict) -> tuple[dict, LoraAdapter]:
-        with tracker.run() as run:
-            adapter_dir = tmp_path / run.info.run_id
-            adapter_dir.mkdir()
-            (adapter_dir / "adapter_config.json").write_text("{}")
-            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-            mlflow.log_metrics(scores)
-        return {"scores": scores}, LoraAdapter(str(adapter_dir), run.info.run_id, "cpu", "s", "v")
+        return {"scores": scores}, trained_adapter(tracker, tmp_path, scores)
 
     def promote(report, adapter):
         return champion(build_asset_context(), config=PromotionConfig(), evaluation_report=report,
@@ -102,15 +109,7 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
     tracker = resources["mlflow_tracker"]
     good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
             "eval/adversarial_adapter": 0.8}
-    candidates = []
-    for _ in range(2):
-        with tracker.run() as run:
-            adapter_dir = tmp_path / run.info.run_id
-            adapter_dir.mkdir()
-            (adapter_dir / "adapter_config.json").write_text("{}")
-            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-            mlflow.log_metrics(good)
-        candidates.append(LoraAdapter(str(adapter_dir), run.info.run_id, "cpu", "s", "v"))
+    candidates = [trained_adapter(tracker, tmp_path, good) for _ in range(2)]
     slow_decide = assets.champion.decide
 
     def decide(*args, **kw):
