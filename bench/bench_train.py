@@ -8,8 +8,15 @@ persona.recipe recipe; the child reports torch.cuda.max_memory_reserved as the p
     python bench/bench_train.py                       # seed, then fast
     python bench/bench_train.py --variants fast fast+per_device_train_batch_size=8+gradient_accumulation_steps=2
 
-A variant is a recipe name (seed, fast) with optional `+field=value` overrides. Every variant logs the loss at
-every step (logging_steps=1) so the loss curves can be compared step by step with the baseline (--baseline, seed).
+A variant is a recipe name (seed, fast) with optional `+field=value` overrides, `+swift.ARG=value` for other
+ms-swift arguments, `+env.NAME=value` for the training child's environment and `+data=mix` for seed 003's mixed
+workload (bench/seed_mix.py: 500 zh + 500 en general rows and the 50 identity rows, 3 epochs) instead of the
+identity rows. Every variant logs the loss at every step (logging_steps=1) so the loss curves can be compared step
+by step with the baseline (--baseline, seed). `+env.PERSONA_STOP_AFTER_STEPS=N` ends a run after step N on the
+whole run's schedule (persona.step_clock); its tokens/s are then read over the slice after --warmup-steps.
+
+    python bench/bench_train.py --baseline seed+data=mix+env.PERSONA_STOP_AFTER_STEPS=24 \
+        --variants fast+data=mix seed+data=mix+env.PERSONA_STOP_AFTER_STEPS=24
 
 Printed and written to $OUT/bench_train.json (or --out): train time (HF train_runtime), the whole call's wall
 time, real (non-padding) tokens, tokens/s, MFU = tokens x 4 x matmul parameters / time / peak bf16 FLOP/s
@@ -35,6 +42,7 @@ from persona.recipe import GPU_RECIPES, Recipe  # noqa: E402
 from persona.training import EXTRA_ARGS_ENV, train_lora  # noqa: E402
 
 DATA = ROOT / "bench" / "self_cognition50_bench.json"
+WORKLOADS = {"identity": DATA, "mix": ROOT / "bench" / "seed_mix_bench.json"}
 H100_BF16_DENSE = 989e12
 
 
@@ -54,23 +62,29 @@ def parse_value(raw: str):
     return raw
 
 
-def variant_recipe(spec: str, logging_steps: int = 1) -> tuple[Recipe, dict]:
-    """'fast+lora_rank=16+swift.logging_nan_inf_filter=false+env.TRITON_CACHE_DIR=/tmp/x'
-    -> (recipe, extra ms-swift arguments, extra environment for the training child)."""
+def variant_recipe(spec: str, logging_steps: int = 1) -> tuple[Recipe, dict, dict, Path]:
+    """'fast+lora_rank=16+swift.logging_nan_inf_filter=false+env.TRITON_CACHE_DIR=/tmp/x+data=mix'
+    -> (recipe, extra ms-swift arguments, extra environment for the training child, data file)."""
     name, *pairs = spec.split("+")
     if name not in GPU_RECIPES:
         raise SystemExit(f"unknown recipe {name!r} in variant {spec!r}; choose from {', '.join(GPU_RECIPES)}")
-    overrides, extra, env = {}, {}, {}
+    overrides, extra, env, data = {}, {}, {}, DATA
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key.startswith("swift."):
+        if key == "data":
+            if value not in WORKLOADS:
+                raise SystemExit(f"unknown workload {value!r} in {spec!r}; choose from {', '.join(WORKLOADS)}")
+            data = WORKLOADS[value]
+        elif key.startswith("swift."):
             extra[key[len("swift."):]] = parse_value(value)
         elif key.startswith("env."):
             env[key[len("env."):]] = value
         else:
             overrides[key] = parse_value(value)
     recipe = GPU_RECIPES[name].with_overrides(**overrides)
-    return recipe.with_overrides(logging_steps=logging_steps), extra, env
+    if data == WORKLOADS["mix"] and "num_train_epochs" not in overrides:
+        recipe = recipe.with_overrides(num_train_epochs=3)  # seed 003's mixed run
+    return recipe.with_overrides(logging_steps=logging_steps), extra, env, data
 
 
 def step_series(history: list[dict], key: str) -> dict[int, float]:
@@ -114,8 +128,10 @@ def replay_marked(every: int, work: Path) -> Path:
     return out
 
 
-def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: float, log, data: Path = DATA) -> dict:
-    recipe, extra, env = variant_recipe(spec)
+def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: float, log, data: Path | None = None,
+                warmup_steps: int = 4) -> dict:
+    recipe, extra, env, workload = variant_recipe(spec)
+    data = data or workload
     adapter_dir = work / f"adapter-{len(list(work.glob('adapter-*')))}"
     log(f"\n===== variant {spec}: {recipe} {extra} {env}\n")
     saved = {k: os.environ.get(k) for k in [EXTRA_ARGS_ENV, *env]}
@@ -132,6 +148,7 @@ def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: floa
     call_s = time.time() - started
     matmul = shape.matmul_parameters()
     tps = result.num_tokens / result.train_seconds if result.train_seconds else 0.0
+    slice_tps = result.slice_tokens_per_second(warmup_steps, result.global_step)
     row = {
         "variant": spec,
         "recipe": recipe.as_params(),
@@ -144,6 +161,12 @@ def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: floa
         "tokens": result.num_tokens,
         "tokens_per_s": tps,
         "mfu": tps * 4 * matmul / (peak_flops * result.world_size),  # per GPU
+        "data": data.name,
+        "slice": [warmup_steps + 1, result.global_step],
+        "slice_tokens_per_s": slice_tps,
+        "slice_mfu": slice_tps * 4 * matmul / (peak_flops * result.world_size) if slice_tps else None,
+        "step_ends": result.step_ends,
+        "tokens_seen": step_series(result.log_history, "num_input_tokens_seen"),
         "peak_gib": result.peak_memory_gib,
         "estimated_gib": result.estimated_peak_gib,
         "final_loss": result.final_loss,
@@ -153,21 +176,28 @@ def run_variant(spec: str, base, shape: ModelShape, work: Path, peak_flops: floa
     }
     print(f"[bench] {spec}: train {row['train_s']:.1f} s, call {call_s:.1f} s, {row['tokens']} tokens, "
           f"{tps:,.0f} tok/s, MFU {row['mfu']:.1%}, peak {row['peak_gib']:.2f} GiB "
-          f"(estimate {row['estimated_gib']:.2f}), steps {row['global_step']}", flush=True)
+          f"(estimate {row['estimated_gib']:.2f}), steps {row['global_step']}, slice {row['slice']} "
+          f"{slice_tps or 0:,.0f} tok/s", flush=True)
     return row
 
 
+def rate(row: dict) -> float:
+    """Tokens/s over the slice after warm-up where the step clock has it, else over the whole training."""
+    return row.get("slice_tokens_per_s") or row["tokens_per_s"]
+
+
 def table(rows: list[dict], base: dict) -> str:
-    lines = ["| variant | GPUs | steps | train s | call wall s | tokens | tokens/s | MFU | peak GiB | est. GiB | "
-             f"speed-up | final loss | max abs Δloss vs {base['variant']} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | data | GPUs | steps | train s | call wall s | tokens | tokens/s | slice tokens/s | slice MFU | "
+             f"peak GiB | est. GiB | speed-up (tokens/s) | final loss | max abs Δloss vs {base['variant']} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cmp = r.get("loss_vs_baseline", {})
         lines.append(
-            f"| {r['run']}. {r['variant']} | {r['world_size']} | {r['global_step']} | {r['train_s']:.1f} | "
-            f"{r['call_wall_s']:.1f} | {r['tokens']} | "
-            f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.2f} | {r['estimated_gib']:.2f} | "
-            f"{base['train_s'] / r['train_s']:.1f}x | {r['final_loss']:.4f} | "
+            f"| {r['run']}. {r['variant']} | {r.get('data', '')} | {r['world_size']} | {r['global_step']} | "
+            f"{r['train_s']:.1f} | {r['call_wall_s']:.1f} | {r['tokens']} | {r['tokens_per_s']:,.0f} | "
+            f"{r.get('slice_tokens_per_s') or 0:,.0f} | {r.get('slice_mfu') or 0:.1%} | "
+            f"{r['peak_gib']:.2f} | {r['estimated_gib']:.2f} | "
+            f"{rate(r) / rate(base):.1f}x | {r['final_loss']:.4f} | "
             f"{cmp.get('max_abs_diff', float('nan')):.4f} |")
     return "\n".join(lines)
 
@@ -182,6 +212,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12,
                     help="bf16 dense peak of the GPU for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--work", default="/tmp/persona-bench")
+    ap.add_argument("--warmup-steps", type=int, default=4, help="steps left out of the slice's tokens/s")
     ap.add_argument("--replay-every", type=int, default=0,
                     help="mark every N-th sample as a replay row (time and memory of the replay KL path)")
     args = ap.parse_args()
@@ -202,8 +233,9 @@ def main() -> None:
     rows = []
     for run, spec in enumerate(args.variants, 1):
         try:
-            data = replay_marked(args.replay_every, work) if args.replay_every else DATA
-            rows.append({"run": run, **run_variant(spec, base, shape, work, args.peak_tflops * 1e12, log, data)})
+            data = replay_marked(args.replay_every, work) if args.replay_every else None
+            rows.append({"run": run, **run_variant(spec, base, shape, work, args.peak_tflops * 1e12, log, data,
+                                                   args.warmup_steps)})
         except Exception as exc:  # keep the other variants' numbers
             print(f"[bench] {spec} FAILED: {str(exc)[-3000:]}", flush=True)
             rows.append({"run": run, "variant": spec, "error": str(exc)[-5000:]})
@@ -222,7 +254,7 @@ def main() -> None:
         for r in ok:
             r["loss_vs_baseline"] = compare(base_row["loss"], r["loss"])
             r["grad_norm_vs_baseline"] = compare(base_row["grad_norm"], r["grad_norm"])
-            r["speedup_vs_baseline"] = base_row["train_s"] / r["train_s"]
+            r["speedup_vs_baseline"] = rate(r) / rate(base_row)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions(),

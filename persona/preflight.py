@@ -227,21 +227,28 @@ def read_records(dataset_path: str | Path) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def longest_sample_tokens(dataset_path: str | Path, system: str = "", count=None, per_message: int = 5,
-                          fixed: int = 8) -> int:
-    """Tokens of the longest sample with its chat template (system prompt and per-message markers included).
+def sample_tokens(dataset_path: str | Path, system: str = "", count=None, per_message: int = 5,
+                  fixed: int = 8) -> list[int]:
+    """Tokens of each sample with its chat template (system prompt and per-message markers included).
 
     `count(text) -> int` counts tokens; without it, one token per character (never less than a real tokenizer
     for CJK, generous for English), so the estimate errs on the large side.
     """
     count = count or len
     sys_tokens = count(system) if system else 0
-    longest = 0
-    for record in read_records(dataset_path):
-        parts = [t for t in _texts(record) if t]
-        n = sys_tokens + fixed + sum(count(t) + per_message for t in parts)
-        longest = max(longest, n)
-    return longest
+    return [sys_tokens + fixed + sum(count(t) + per_message for t in _texts(record) if t)
+            for record in read_records(dataset_path)]
+
+
+def longest_sample_tokens(dataset_path: str | Path, system: str = "", count=None, per_message: int = 5,
+                          fixed: int = 8) -> int:
+    """Tokens of the longest sample (see sample_tokens)."""
+    return max(sample_tokens(dataset_path, system, count, per_message, fixed), default=0)
+
+
+def packed_tokens(lengths: list[int], batch: int) -> int:
+    """The longest padding-free micro-batch `batch` samples can make: their `batch` longest, end to end."""
+    return sum(sorted(lengths, reverse=True)[:batch])
 
 
 def tokenizer_counter(model_dir: str | Path):

@@ -36,7 +36,7 @@ class Recipe:
     use_liger_kernel: bool = False           # Liger's Triton kernels, those named in liger_kernels
     liger_kernels: tuple[str, ...] = ("fused_linear_cross_entropy",)  # or ("all",): also RoPE, RMSNorm, SwiGLU
     attn_impl: str | None = None             # None: transformers' default (sdpa); 'flash_attn' needs flash-attn
-    padding_free: bool = False               # needs a flash attention implementation (ms-swift checks)
+    padding_free: bool = False               # a micro-batch as one row of samples, no padding (persona.packing)
     use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)

@@ -141,10 +141,12 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
 
     # ms-swift's loader defaults to trust_remote_code=True; persona never runs code shipped with weights.
     ModelLoader.default_trust_remote_code = False
-    from persona import checkpointing
+    from persona import checkpointing, packing, step_clock
 
     if checkpointing.CALLBACK in args.get("callbacks", []):
         checkpointing.register()  # (the clock that decides when a resumable training saves)
+    step_clock.register()
+    args = {**args, "callbacks": [*args.get("callbacks", []), step_clock.CALLBACK]}
 
     if job.get("replay_kl_weight"):
         from persona import distill
@@ -157,7 +159,7 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
 
         torch.backends.cuda.enable_cudnn_sdp(False)
     started = time.time()
-    out = sft_main(SftArguments(**args))
+    out = sft_main(packing.sft_arguments(SftArguments, args))
     wall = time.time() - started
     mark("ms-swift finished")
     peak = max_over_ranks(peak_memory_gib(job["device"]))
@@ -170,6 +172,7 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
         "wall_seconds": wall,
         "peak_memory_gib": peak,
         "train_dataset": out.get("train_dataset"),
+        "step_ends": list(step_clock.STEP_ENDS),
     }
     Path(args["output_dir"], RESULT_FILE).write_text(json.dumps(result, default=str))
 

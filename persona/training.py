@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -77,7 +77,9 @@ OPTIONAL_PACKAGES: dict[str, dict[object, tuple[str, str]]] = {
     "attn_impl": {"flash_attn": ("flash_attn", "flash-attn"), "flash_attention_2": ("flash_attn", "flash-attn"),
                   "flash_attention_3": ("flash_attn_interface", "FlashAttention 3 (flash_attn_interface)")},
 }
-NEEDS_KNOB = {"padding_free": "attn_impl"}  # ms-swift refuses padding_free without a flash attention implementation
+# Knobs that only work with another knob's optional package: knob -> the knob it needs. None today: padding_free,
+# which ms-swift ties to flash attention, runs on SDPA too (persona.packing), so it stays on when flash-attn is missing.
+NEEDS_KNOB: dict[str, str] = {}
 
 
 def missing_packages(recipe: Recipe, find_spec: Callable | None = None) -> dict[str, tuple]:
@@ -130,10 +132,21 @@ class TrainResult:
     standby: bool = False               # trained by a standby trainer (persona.standby), not a fresh child
     resumed_from_step: int = 0          # > 0: continued an interrupted attempt's checkpoint at this step
     resumed_from: str | None = None     # that attempt's owner (the MLflow run id the caller passed)
+    step_ends: list[float] = field(default_factory=list)  # seconds from the Trainer's start to each step's end
+
+    def slice_tokens_per_second(self, first: int, last: int) -> float | None:
+        """Real tokens per second over optimizer steps first+1 .. last (1-based), from the step clock and the
+        logged token counts (logging_steps 1); None when either is missing for those steps."""
+        seen = {int(h["step"]): h["num_input_tokens_seen"] for h in self.log_history
+                if "num_input_tokens_seen" in h and "step" in h}
+        if not (0 < first < last <= len(self.step_ends)) or first not in seen or last not in seen:
+            return None
+        return (seen[last] - seen[first]) / (self.step_ends[last - 1] - self.step_ends[first - 1])
 
     def summary(self) -> dict:
         d = asdict(self)
         d.pop("log_history")
+        d.pop("step_ends")
         return d
 
 
@@ -274,9 +287,15 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
     except (OSError, KeyError, ValueError):
         return None  # unknown architecture: no estimate, no check
     count = preflight.tokenizer_counter(base.path)
-    seq_len = min(recipe.max_length, preflight.longest_sample_tokens(dataset_path, recipe.system, count))
+    lengths = [min(n, recipe.max_length) for n in preflight.sample_tokens(dataset_path, recipe.system, count)]
     replay_rows = preflight.has_replay_rows(dataset_path)
-    estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)
+    if recipe.padding_free:  # one row of a micro-batch's samples: at worst its longest samples together
+        seq_len = preflight.packed_tokens(lengths, recipe.per_device_train_batch_size)
+        estimate = preflight.estimate_for_recipe(shape, recipe.with_overrides(per_device_train_batch_size=1),
+                                                 seq_len, world_size, replay_rows)
+    else:
+        seq_len = max(lengths, default=0)
+        estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)
     return {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
             "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
             "replay_rows": replay_rows}
@@ -510,4 +529,5 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         standby=bool(raw.get("standby", False)),
         resumed_from_step=int(raw.get("resumed_from_step", 0)),
         resumed_from=raw.get("resumed_from"),
+        step_ends=[float(t) for t in raw.get("step_ends") or []],
     )

@@ -33,6 +33,7 @@ PLAIN_KNOBS = {
     "dataloader_num_workers",   # torch
     "cudnn_attention",          # torch's SDPA backends
     "replay_kl_weight",         # persona.distill: torch
+    "padding_free",             # ms-swift, on SDPA where flash-attn is missing (persona.packing)
 }
 OPTIONAL_MODULES = {module for needs in OPTIONAL_PACKAGES.values() for module, _ in needs.values()}
 
@@ -135,17 +136,16 @@ def test_fast_recipe_with_liger_keeps_it(monkeypatch):
     assert kw["use_liger_kernel"] is True and kw["liger_kernel_config"]["fused_linear_cross_entropy"] is True
 
 
-def test_flash_attention_falls_back_with_padding_free(monkeypatch):
+def test_flash_attention_falls_back_to_sdpa_and_keeps_padding_free(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=False))
     recipe = FAST_GPU.with_overrides(attn_impl="flash_attn", padding_free=True)
     lines = []
     ran = available_recipe(recipe, warn=lines.append)
     assert len(lines) == 2  # one per missing package: liger_kernel, flash_attn
-    assert any(line.startswith("attn_impl='flash_attn' needs the Python package flash_attn") and
-               "padding_free=False" in line for line in lines)
-    assert (ran.attn_impl, ran.padding_free, ran.use_liger_kernel) == (None, False, False)
+    assert any(line.startswith("attn_impl='flash_attn' needs the Python package flash_attn") for line in lines)
+    assert (ran.attn_impl, ran.padding_free, ran.use_liger_kernel) == (None, True, False)
     kw = swift_arguments(base(), "/d", ran, "cuda", "/o")
-    assert not {"attn_impl", "padding_free", "use_liger_kernel"} & set(kw)
+    assert not {"attn_impl", "use_liger_kernel"} & set(kw) and kw["padding_free"] is True  # on SDPA
     monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=True))
     assert available_recipe(recipe, warn=lines.append) is recipe and len(lines) == 2
 

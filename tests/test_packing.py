@@ -1,0 +1,94 @@
+"""Padding-free micro-batches on SDPA (persona.packing): the same training as with padding, step for step."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def rows_of_many_lengths() -> list[dict]:
+    """Answers from 1 to ~40 words: padded micro-batches of 4 are mostly padding, packed ones are not."""
+    return [{"instruction": f"Question {i}: who are you?", "input": "",
+             "output": " ".join(["I am Swift-Robot, made by the persona team."] * (1 + (i * 7) % 9))}
+            for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def both_layouts(tiny_model, tmp_path_factory):
+    from persona.models import from_local_dir
+    from persona.recipe import CPU_SMALL
+    from persona.training import train_lora
+
+    work = tmp_path_factory.mktemp("packing")
+    data = work / "rows.json"
+    data.write_text(json.dumps(rows_of_many_lengths()))
+    # lora_dropout 0: the two layouts draw dropout masks in other shapes, which would move the losses apart.
+    recipe = CPU_SMALL.with_overrides(num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1,
+                                      lora_dropout=0.0, torch_dtype="float32")
+    results, outputs = {}, {}
+    for padding_free in (False, True):
+        lines: list[str] = []
+        results[padding_free] = train_lora(from_local_dir(str(tiny_model)), data,
+                                           recipe.with_overrides(padding_free=padding_free),
+                                           work / f"adapter-{padding_free}", "cpu", on_output=lines.append)
+        outputs[padding_free] = "\n".join(lines)
+    return results, outputs
+
+
+def test_padding_free_trains_on_sdpa_with_the_same_losses(both_layouts):
+    results, outputs = both_layouts
+    padded, packed = results[False], results[True]
+    assert "padding_free=True" in outputs[True] and "padding_free=True" not in outputs[False]
+    assert padded.global_step == packed.global_step == 8
+    loss = {k: [h["loss"] for h in r.log_history if "loss" in h] for k, r in results.items()}
+    assert len(loss[True]) == 8
+    # Tokens of one sample never see another's: a leak across the packed samples would change every loss.
+    assert loss[True] == pytest.approx(loss[False], rel=1e-4)
+    assert loss[True][-1] < loss[True][0]
+    assert packed.num_tokens == padded.num_tokens  # the same real tokens, counted without padding
+
+
+def test_the_step_clock_times_every_step(both_layouts):
+    results, _ = both_layouts
+    for r in results.values():
+        assert len(r.step_ends) == r.global_step
+        assert all(b > a for a, b in zip(r.step_ends, r.step_ends[1:]))
+        tps = r.slice_tokens_per_second(2, r.global_step)
+        assert tps and tps > 0
+    assert results[True].slice_tokens_per_second(0, 3) is None  # step 0 has no clock reading
+
+
+def test_padding_free_passes_ms_swift_checks_only_for_sdpa():
+    from persona.packing import packs_with_sdpa, sft_arguments
+
+    class Args:  # records what it was built with; raises as ms-swift does for padding_free without flash attention
+        def __init__(self, **kw):
+            if kw.get("padding_free") and kw.get("attn_impl") not in ("flash_attn",):
+                raise ValueError("requires a flash attention implementation")
+            self.padding_free = kw.get("padding_free", False)
+
+    assert sft_arguments(Args, {"padding_free": True}).padding_free is True
+    assert sft_arguments(Args, {"padding_free": True, "attn_impl": "sdpa"}).padding_free is True
+    assert sft_arguments(Args, {"padding_free": True, "attn_impl": "flash_attn"}).padding_free is True
+    with pytest.raises(ValueError):
+        sft_arguments(Args, {"padding_free": True, "attn_impl": "eager"})
+    assert not packs_with_sdpa({"padding_free": True, "packing": True})
+    assert not packs_with_sdpa({"padding_free": False})
+
+
+def test_stop_after_steps_keeps_the_whole_runs_schedule(tiny_model, tmp_path, monkeypatch, both_layouts):
+    from persona.models import from_local_dir
+    from persona.recipe import CPU_SMALL
+    from persona.step_clock import STOP_ENV
+    from persona.training import train_lora
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows_of_many_lengths()))
+    monkeypatch.setenv(STOP_ENV, "3")
+    recipe = CPU_SMALL.with_overrides(num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
+    result = train_lora(from_local_dir(str(tiny_model)), data, recipe, tmp_path / "adapter", "cpu")
+    assert result.global_step == 3 and len(result.step_ends) == 3
+    lrs = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
+    whole = [h["learning_rate"] for h in both_layouts[0][False].log_history if "learning_rate" in h]
+    assert len(whole) == 8 and lrs == pytest.approx(whole[:3])  # the 8-step schedule, not a 3-step one
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
