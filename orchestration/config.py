@@ -82,6 +82,9 @@ class TrainingConfig(Config):
     replay_kl_weight: Optional[float] = Field(default=None, description="0 (default): replay rows are learned as "
                                               "plain targets; > 0: they keep the base model's next-token "
                                               "distribution instead (KL x this weight).")
+    padding_free: Optional[bool] = Field(default=None, description="Train each micro-batch as one row of its "
+                                         "samples, without padding (ms-swift's padding_free; on SDPA without "
+                                         "flash-attn: persona/packing.py). Pays on data of mixed lengths.")
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in ("device", "recipe") and v is not None}
