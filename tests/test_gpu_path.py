@@ -278,6 +278,28 @@ def test_longest_sample_tokens(tmp_path):
     assert preflight.longest_sample_tokens(alpaca, count=lambda t: 1, per_message=0, fixed=0) == 2
 
 
+def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, monkeypatch):
+    """A padding-free micro-batch is one row of its samples: the estimate takes the worst, the batch's longest
+    samples together, instead of batch x the longest sample."""
+    from persona.training import preflight_job
+
+    assert preflight.packed_tokens([5, 50, 7, 40, 3], 2) == 90
+    assert preflight.packed_tokens([5, 7], 16) == 12
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_7B))
+    data = tmp_path / "a.json"
+    data.write_text(json.dumps([{"instruction": " ".join(["word"] * n), "input": "", "output": "a"}
+                                for n in (20, 400, 60, 300)]))
+    monkeypatch.setattr(preflight, "tokenizer_counter", lambda path: None)  # (no tokenizer: a token a character)
+    recipe = FAST_GPU.with_overrides(per_device_train_batch_size=2)
+    padded, packed = (preflight_job(base(model), str(data), recipe.with_overrides(padding_free=pf)) for pf in (0, 1))
+    lengths = preflight.sample_tokens(data, recipe.system)
+    assert padded["seq_len"] == max(lengths) and padded["estimate"]["micro_batch"] == 2
+    assert packed["seq_len"] == sum(sorted(lengths)[-2:]) and packed["estimate"]["micro_batch"] == 1
+    assert packed["total_bytes"] < padded["total_bytes"]  # 400 + 300 tokens, not 2 x 400
+
+
 # --- the refusal, end to end through the launcher (the child stops before loading any weight) ---------------------
 
 def test_train_lora_refuses_before_loading(tmp_path, monkeypatch):
