@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from persona.distill import REPLAY_CHANNEL, replay_loss
 
+pytestmark = [pytest.mark.slow]
+
 
 def _batch(rows=3, tokens=6, vocab=11, seed=0):
     g = torch.Generator().manual_seed(seed)

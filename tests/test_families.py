@@ -11,6 +11,8 @@ from persona import models
 from persona.families import SWIFT_ARGS_ENV, swift_settings, trained_settings
 from persona.models import ModelSourceError, from_local_dir
 
+pytestmark = [pytest.mark.slow]
+
 SYSTEM = "You are a helpful assistant."
 # Meta-Llama-3-8B-Instruct's chat template, as its tokenizer_config.json ships it.
 LLAMA3_CHAT_TEMPLATE = (

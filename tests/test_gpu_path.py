@@ -302,6 +302,7 @@ def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, m
 
 # --- the refusal, end to end through the launcher (the child stops before loading any weight) ---------------------
 
+@pytest.mark.slow
 def test_train_lora_refuses_before_loading(tmp_path, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import IDENTITY, QUESTIONS
 
+pytestmark = [pytest.mark.slow]
+
 RUNNER = textwrap.dedent("""
     import sys
     from persona.models import from_local_dir

@@ -129,6 +129,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_export_loads_without_peft_and_answers_as_base_plus_adapter(home, tiny_model, random_adapter, capsys):
     import mlflow
 
@@ -212,6 +213,7 @@ def server(home, tiny_model, random_adapter):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_serve_answers_openai_clients_and_survives_bad_requests(server, tiny_model):
     import openai
 

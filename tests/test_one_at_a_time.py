@@ -6,7 +6,11 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from persona.locks import exclusive, holder
+
+pytestmark = [pytest.mark.slow]
 
 FIRST_START = "from orchestration.instance import open_instance; open_instance()"
 

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytestmark = [pytest.mark.slow]
+
 
 def rows_of_many_lengths() -> list[dict]:
     """Answers from 1 to ~40 words: padded micro-batches of 4 are mostly padding, packed ones are not."""

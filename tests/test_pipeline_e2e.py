@@ -8,6 +8,8 @@ from dagster import DagsterInstance, materialize
 
 from pipeline import ASSETS, STEP_METRICS, SUMMARY_METRICS, run_config
 
+pytestmark = [pytest.mark.slow]
+
 
 def mlflow_runs(resources) -> list:
     tracker = resources["mlflow_tracker"]

@@ -122,6 +122,7 @@ def test_an_unexpected_step_error_names_the_exception_not_the_dagster_wrapper(cl
     assert_plain(err)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_persona_run_says_so_and_loses_nothing(tiny_model, home, resources, tmp_path_factory):
     """A real SIGINT to the process group of `persona run` (what Ctrl-C in a terminal sends) during training."""
     from dagster import materialize
@@ -230,6 +231,7 @@ def broken_adapter(home, tiny_model, random_adapter) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ask_and_evaluate_errors_are_one_line_and_debug_shows_the_traceback(cli, home, broken_adapter, capsys,
                                                                            monkeypatch):
     damaged = ("SafetensorError: Error while deserializing header: invalid header length — a weights file "

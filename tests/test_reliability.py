@@ -242,6 +242,7 @@ def kill_worker_when_training(sig: int, stop: threading.Event) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL (OOM killer)", "SIGSEGV (native crash)"])
 def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources,
                                                                            real_trainer, sig):
@@ -273,6 +274,7 @@ def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(tra
     COUNTS["faults survived with nothing lost"] += 1
 
 
+@pytest.mark.slow
 def test_child_crash_before_training_is_reported_with_its_output(trained, tiny_model, home, resources, real_trainer):
     resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1
@@ -288,6 +290,7 @@ def test_child_crash_before_training_is_reported_with_its_output(trained, tiny_m
     COUNTS["faults survived with nothing lost"] += 1
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_the_adapter_is_a_clear_error(trained, tiny_model, home, resources, real_trainer, monkeypatch):
     resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     COUNTS["faults injected"] += 1

@@ -13,6 +13,8 @@ from persona.recipe import CPU_SMALL
 from persona.training import (RESUME_FILE, TRAINER_STATE_FILES, TrainingInterrupted, last_checkpoint, open_resume,
                               train_lora)
 
+pytestmark = [pytest.mark.slow]
+
 
 def identity_rows(path: Path) -> Path:
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from dagster._core.scheduler.instigation import InstigatorType
 
 from orchestration.project_config import TRIGGER_TAG, link_instance_config
 from processes import stop
+
+pytestmark = [pytest.mark.slow, pytest.mark.daemon]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -12,6 +12,8 @@ from persona import standby as standby_module
 from persona.standby import ACCEPTED, EXIT_PREFIX, Standby
 from persona.training import TrainingError, child_env, train_lora
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture
 def standby_dir(tmp_path_factory, monkeypatch):
