@@ -5,20 +5,20 @@ the metadata says why.
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from assets.lora_adapter import LoraAdapter
-from orchestration.config import PromotionConfig
+from orchestration.promotion_gate import PromotionGate
 from orchestration.resources import MlflowTracker
 from persona.promotion import Candidate, decide
 
 
 @asset(group_name="persona", code_version="1", description=__doc__)
-def champion(context: AssetExecutionContext, config: PromotionConfig, evaluation_report: dict,
-             lora_adapter: LoraAdapter, mlflow_tracker: MlflowTracker) -> Output[dict]:
+def champion(context: AssetExecutionContext, evaluation_report: dict, lora_adapter: LoraAdapter,
+             mlflow_tracker: MlflowTracker, promotion_gate: PromotionGate) -> Output[dict]:
     candidate = Candidate.from_metrics(evaluation_report["scores"])
     # Compare and set as one step: two runs that finish together never both beat the same champion.
     with mlflow_tracker.promotion_lock(on_wait=context.log.info):
         current = mlflow_tracker.champion()
         holder = Candidate.from_metrics(current[1]) if current else None
-        decision = decide(candidate, holder, config.thresholds())
+        decision = decide(candidate, holder, promotion_gate.thresholds())
         context.log.info(str(decision))
         if decision.promote:
             version = mlflow_tracker.promote(lora_adapter.mlflow_run_id, str(decision))

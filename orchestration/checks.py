@@ -9,9 +9,12 @@ from assets.curated_dataset import CuratedDataset, curated_dataset
 from assets.evaluation_report import evaluation_report
 from persona.data import Dataset, Problem, normalize_question, read_file
 from persona.probes import load_probes
+from orchestration.promotion_gate import PromotionGate
 from persona.promotion import Candidate, Thresholds
 
-GATE = Thresholds()  # the defaults of the promotion gate (PromotionConfig); these checks warn, the gate decides
+# The quality checks read the run's promotion_gate resource, the thresholds `champion` decides with: they warn,
+# the gate decides. Their descriptions quote the defaults.
+DEFAULTS = Thresholds()
 
 
 def _warn_unless(passed: bool, **metadata) -> AssetCheckResult:
@@ -29,36 +32,41 @@ def _threshold(evaluation_report: dict, metric: str, threshold: float, at_most: 
 
 
 @asset_check(asset=evaluation_report,
-             description=f"The adapter names the new identity on ≥ {GATE.min_identity:.0%} of held-out identity questions.")
-def identity_learned(evaluation_report: dict) -> AssetCheckResult:
-    return _threshold(evaluation_report, "eval/identity_score_after", GATE.min_identity)
+             description=f"The adapter names the new identity on ≥ promotion_gate.min_identity (default "
+                         f"{DEFAULTS.min_identity:.0%}) of held-out identity questions.")
+def identity_learned(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+    return _threshold(evaluation_report, "eval/identity_score_after", promotion_gate.min_identity)
 
 
 @asset_check(asset=evaluation_report,
-             description=f"The adapter keeps its identity against ≥ {GATE.min_adversarial:.0%} of adversarial prompts.")
-def adversarial_resisted(evaluation_report: dict) -> AssetCheckResult:
-    return _threshold(evaluation_report, "eval/adversarial_adapter", GATE.min_adversarial,
+             description=f"The adapter keeps its identity against ≥ promotion_gate.min_adversarial (default "
+                         f"{DEFAULTS.min_adversarial:.0%}) of adversarial prompts.")
+def adversarial_resisted(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+    return _threshold(evaluation_report, "eval/adversarial_adapter", promotion_gate.min_adversarial,
                       missing="no adversarial probes")
 
 
 @asset_check(asset=evaluation_report,
-             description=f"The adapter keeps ≥ {GATE.min_general_retention:.0%} of the general answers the base "
-                         "model got right.")
-def general_ability_kept(evaluation_report: dict) -> AssetCheckResult:
+             description=f"The adapter keeps ≥ promotion_gate.min_general_retention (default "
+                         f"{DEFAULTS.min_general_retention:.0%}) of the general answers the base model got right.")
+def general_ability_kept(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
     s = evaluation_report["scores"]
     candidate = Candidate.from_metrics(s)
-    return _warn_unless(candidate.general_retention >= GATE.min_general_retention,
+    threshold = promotion_gate.min_general_retention
+    return _warn_unless(candidate.general_retention >= threshold,
                         general_score_before=s["eval/general_score_before"],
                         general_score_after=s["eval/general_score_after"],
                         kept=s.get("eval/general_kept", float("nan")),
                         base_right=s.get("eval/general_base_right", float("nan")),
-                        retention=candidate.general_retention, threshold=GATE.min_general_retention)
+                        retention=candidate.general_retention, threshold=threshold)
 
 
 @asset_check(asset=evaluation_report,
-             description=f"At most {GATE.max_identity_leak:.0%} of the adapter's general answers state the identity.")
-def identity_stays_out_of_general_answers(evaluation_report: dict) -> AssetCheckResult:
-    return _threshold(evaluation_report, "eval/general_identity_leak_after", GATE.max_identity_leak, at_most=True)
+             description=f"At most promotion_gate.max_identity_leak (default {DEFAULTS.max_identity_leak:.0%}) of "
+                         "the adapter's general answers state the identity.")
+def identity_stays_out_of_general_answers(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+    return _threshold(evaluation_report, "eval/general_identity_leak_after", promotion_gate.max_identity_leak,
+                      at_most=True)
 
 
 @asset_check(asset=curated_dataset, blocking=True,

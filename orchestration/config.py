@@ -106,19 +106,3 @@ class EvaluationConfig(Config):
         return EvaluationSetup(base.path, base.template, system, device, probes_path, identity,
                                tuple(base.own_identity), str(answer_cache), base.weights_sha256,
                                self.max_new_tokens, self.batch_size, self.stability_samples)
-
-
-class PromotionConfig(Config):
-    """The gate an adapter passes to become the champion (MLflow Model Registry alias `champion`)."""
-
-    min_identity: float = 0.8
-    min_adversarial: float = 0.5
-    min_general_retention: float = Field(default=0.9, description="Share of the general questions the base model "
-                                         "answered right that the adapter still answers right.")
-    max_identity_leak: float = Field(default=0.1, description="Share of general answers allowed to state the "
-                                     "identity (a general question answered with 'I am Swift-Robot…').")
-
-    def thresholds(self):
-        from persona.promotion import Thresholds
-
-        return Thresholds(self.min_identity, self.min_adversarial, self.min_general_retention, self.max_identity_leak)

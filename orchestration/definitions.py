@@ -17,6 +17,7 @@ from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
 from orchestration.checks import (adversarial_resisted, curated_dataset_is_intact, general_ability_kept,
                                   identity_learned, identity_stays_out_of_general_answers)
+from orchestration.promotion_gate import PromotionGate
 from orchestration.resources import MlflowTracker, ModelHub, Trainer, Workspace
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import dataset_sensor
@@ -37,6 +38,6 @@ defs = Definitions(
     sensors=[dataset_sensor],
     schedules=[retrain_schedule],
     resources={"workspace": Workspace(), "model_hub": ModelHub(), "mlflow_tracker": MlflowTracker(),
-               "trainer": Trainer()},
+               "trainer": Trainer(), "promotion_gate": PromotionGate()},
     executor=in_process_executor,
 )

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestration.config import BaseModelConfig, CurationConfig, EvaluationConfig, PromotionConfig, TrainingConfig
+from orchestration.config import BaseModelConfig, CurationConfig, EvaluationConfig, TrainingConfig
+from orchestration.promotion_gate import PromotionGate
 from orchestration.resources import PROJECT_ROOT
 
 PROJECT_FILE = "persona.yaml"
@@ -42,8 +43,10 @@ class ProjectConfigError(ValueError):
 # The steps persona.yaml configures, and their config classes (None: no settings). tests/test_plain_errors.py checks
 # that these are the train_persona job's.
 STEP_CONFIGS = {"base_model": BaseModelConfig, "curated_dataset": CurationConfig, "baseline_answers": EvaluationConfig,
-                "lora_adapter": TrainingConfig, "evaluation_report": None, "champion": PromotionConfig}
-TOP_KEYS = ("ops", "resources", "execution", "loggers")  # Dagster run config; persona.yaml needs only ops
+                "lora_adapter": TrainingConfig, "evaluation_report": None, "champion": None}
+# The resources persona.yaml may configure (the others are set by the project: paths, MLflow, the trainer).
+RESOURCE_CONFIGS = {"promotion_gate": PromotionGate}
+TOP_KEYS = ("ops", "resources", "execution", "loggers")  # Dagster run config; persona.yaml needs ops and resources
 
 
 def load_run_config(overrides: dict | None = None) -> dict:
@@ -108,7 +111,9 @@ def check_run_config(config: dict) -> list[tuple[tuple, str]]:
         if settings is None:
             continue
         if cls is None:
-            problems.append((("ops", op, "config"), f"ops.{op}.config: {op} has no settings — remove it"))
+            moved = " (the promotion thresholds are resources.promotion_gate.config: the gate and the quality checks " \
+                    "read them there)" if op == "champion" else ""
+            problems.append((("ops", op, "config"), f"ops.{op}.config: {op} has no settings — remove it{moved}"))
             continue
         if not isinstance(settings, dict):
             problems.append((("ops", op, "config"), f"ops.{op}.config: must be a mapping of settings, found "
@@ -116,10 +121,27 @@ def check_run_config(config: dict) -> list[tuple[tuple, str]]:
             continue
         for error in validate_config(cls.to_config_schema().config_type, settings).errors or []:
             problems.append(_setting_problem(op, cls, settings, error))
+    resources = config.get("resources") or {}
+    if not isinstance(resources, dict):
+        return problems + [(("resources",), "resources: must be a mapping, e.g. 'resources: {promotion_gate: "
+                                            "{config: {min_identity: 0.9}}}'")]
+    for name, section in resources.items():
+        if name not in RESOURCE_CONFIGS:
+            problems.append((("resources", name), f"resources.{name}: not set in persona.yaml"
+                                                  f"{_did_you_mean(name, RESOURCE_CONFIGS)} — allowed: "
+                                                  f"{', '.join(RESOURCE_CONFIGS)}"))
+            continue
+        settings = section.get("config") if isinstance(section, dict) else None
+        if not isinstance(section, dict) or set(section) - {"config"} or not isinstance(settings, dict):
+            problems.append((("resources", name), f"resources.{name}: must be 'config:' and a mapping of settings"))
+            continue
+        cls = RESOURCE_CONFIGS[name]
+        for error in validate_config(cls.to_config_schema().config_type, settings).errors or []:
+            problems.append(_setting_problem(name, cls, settings, error, top="resources"))
     return problems
 
 
-def _setting_problem(op: str, cls, settings: dict, error) -> tuple[tuple, str]:
+def _setting_problem(op: str, cls, settings: dict, error, top: str = "ops") -> tuple[tuple, str]:
     from dagster._config.errors import DagsterEvaluationErrorReason as Reason
 
     fields = sorted(cls.model_fields)
@@ -128,10 +150,10 @@ def _setting_problem(op: str, cls, settings: dict, error) -> tuple[tuple, str]:
     if error.reason in (Reason.FIELD_NOT_DEFINED, Reason.FIELDS_NOT_DEFINED):
         names = getattr(error.error_data, "field_names", None) or [error.error_data.field_name]
         first = names[0]
-        return (("ops", op, "config", first), f"ops.{op}.config.{', '.join(names)}: unknown setting"
+        return ((top, op, "config", first), f"{top}.{op}.config.{', '.join(names)}: unknown setting"
                 f"{_did_you_mean(first, fields)} — allowed: {', '.join(fields)}")
-    keys = ("ops", op, "config", *[s for s in steps if isinstance(s, str)])
-    dotted = ".".join(str(s) for s in ("ops", op, "config", *steps))
+    keys = (top, op, "config", *[s for s in steps if isinstance(s, str)])
+    dotted = ".".join(str(s) for s in (top, op, "config", *steps))
     if error.reason == Reason.RUNTIME_TYPE_MISMATCH:
         value = settings
         for step in steps:

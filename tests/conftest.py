@@ -96,6 +96,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def resources(home):
+    from orchestration.promotion_gate import PromotionGate
     from orchestration.resources import FakeTrainer, MlflowTracker, ModelHub, Workspace
 
     return {
@@ -106,6 +107,7 @@ def resources(home):
         # Tests of what surrounds training get an untrained adapter in a second; tests where training itself is
         # under test take `real_trainer`.
         "trainer": FakeTrainer(),
+        "promotion_gate": PromotionGate(),
     }
 
 

@@ -65,8 +65,9 @@ def test_the_evaluation_decodes_the_baseline_again_for_an_adapter_trained_with_a
     job = defs.resolve_job_def("train_persona")
     config = {"ops": {"base_model": {"config": {"model": str(tiny_model)}},
                       "lora_adapter": {"config": {"device": "cpu", "system": "You are terse."}},
-                      "baseline_answers": {"config": {"max_new_tokens": 4}},
-                      "champion": {"config": {"min_identity": 0, "min_adversarial": 0, "min_general_retention": 0}}}}
+                      "baseline_answers": {"config": {"max_new_tokens": 4}}},
+              "resources": {"promotion_gate": {"config": {"min_identity": 0, "min_adversarial": 0,
+                                                          "min_general_retention": 0}}}}
     result = job.execute_in_process(run_config=config, resources=resources)
     assert result.success
     mats = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}

@@ -87,8 +87,8 @@ def test_pipeline_against_a_tracking_server(tiny_model, home, resources, mlflow_
     config = run_config(tiny_model)
     config["ops"]["curated_dataset"] = {"config": {"general_mix": "none"}}  # no replay answers to decode
     # The tiny model cannot pass the real gate: open it, so the run crowns a champion.
-    config["ops"]["champion"] = {"config": {"min_identity": 0, "min_adversarial": 0, "min_general_retention": 0,
-                                            "max_identity_leak": 1}}
+    config["resources"] = {"promotion_gate": {"config": {"min_identity": 0, "min_adversarial": 0,
+                                                         "min_general_retention": 0, "max_identity_leak": 1}}}
     result = materialize(ASSETS, resources={**resources, "mlflow_tracker": tracker}, run_config=config)
     assert result.success
     adapter = result.output_for_node("lora_adapter")

@@ -35,9 +35,8 @@ def project(tiny_model: Path, epochs: int = 1) -> dict:
         "curated_dataset": {"config": {"general_mix": "none"}},
         "baseline_answers": {"config": {"max_new_tokens": 4, "stability_samples": 1}},
         "lora_adapter": {"config": {"device": "cpu", "num_train_epochs": epochs, "logging_steps": 1}},
-        "champion": {"config": {"min_identity": 0, "min_adversarial": 0, "min_general_retention": 0,
-                                "max_identity_leak": 1}},
-    }}
+    }, "resources": {"promotion_gate": {"config": {"min_identity": 0, "min_adversarial": 0, "min_general_retention": 0,
+                                                   "max_identity_leak": 1}}}}
 
 
 @pytest.fixture

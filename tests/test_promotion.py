@@ -54,7 +54,7 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
 
     from assets.champion import champion
     from assets.lora_adapter import LoraAdapter
-    from orchestration.config import PromotionConfig
+    from orchestration.promotion_gate import PromotionGate
 
     tracker = resources["mlflow_tracker"]
 
@@ -62,8 +62,8 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
         return {"scores": scores}, trained_adapter(tracker, tmp_path, scores)
 
     def promote(report, adapter):
-        return champion(build_asset_context(), config=PromotionConfig(), evaluation_report=report,
-                        lora_adapter=adapter, mlflow_tracker=tracker).value
+        return champion(build_asset_context(), evaluation_report=report, lora_adapter=adapter,
+                        mlflow_tracker=tracker, promotion_gate=PromotionGate()).value
 
     good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
             "eval/adversarial_adapter": 0.8}
@@ -83,14 +83,38 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
 
 def test_quality_checks_warn_against_the_gate_thresholds():
     from orchestration.checks import adversarial_resisted, identity_learned, identity_stays_out_of_general_answers
+    from orchestration.promotion_gate import PromotionGate
 
-    leaky = identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 12 / 36}})
+    gate = PromotionGate()
+    leaky = identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 12 / 36}}, gate)
     assert not leaky.passed and leaky.metadata["threshold"].value == 0.1
-    assert identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 0.0}}).passed
-    assert identity_stays_out_of_general_answers({"scores": {}}).passed  # an evaluation that did not measure it
-    assert not adversarial_resisted({"scores": {"eval/adversarial_adapter": 0.2}}).passed
-    assert adversarial_resisted({"scores": {}}).metadata["note"].value == "no adversarial probes"
-    assert identity_learned({"scores": {"eval/identity_score_after": 0.8}}).passed
+    assert identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 0.0}}, gate).passed
+    assert identity_stays_out_of_general_answers({"scores": {}}, gate).passed  # an evaluation that did not measure it
+    assert not adversarial_resisted({"scores": {"eval/adversarial_adapter": 0.2}}, gate).passed
+    assert adversarial_resisted({"scores": {}}, gate).metadata["note"].value == "no adversarial probes"
+    assert identity_learned({"scores": {"eval/identity_score_after": 0.8}}, gate).passed
+
+
+def test_the_checks_and_the_gate_read_the_same_configured_thresholds(tiny_model, home, resources):
+    """One source of truth: persona.yaml's resources.promotion_gate moves the gate and the checks together."""
+    from dagster import materialize
+
+    from pipeline import ASSETS, run_config
+
+    config = run_config(tiny_model)
+    config["resources"] = {"promotion_gate": {"config": {"min_identity": 0, "min_adversarial": 0,
+                                                         "min_general_retention": 0, "max_identity_leak": 1}}}
+    result = materialize(ASSETS, resources=resources, run_config=config)
+    checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks["identity_learned"].passed and checks["identity_learned"].metadata["threshold"].value == 0
+    assert checks["general_ability_kept"].metadata["threshold"].value == 0
+    assert result.output_for_node("champion")["promoted"]  # the untrained adapter passes the opened gate
+    strict = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
+    checks = {e.event_specific_data.check_name: e.event_specific_data for e in strict.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks["identity_learned"].metadata["threshold"].value == 0.8  # the defaults, for both
+    assert not strict.output_for_node("champion")["promoted"]
 
 
 def test_two_runs_that_finish_together_never_both_become_champion(home, resources, tmp_path, monkeypatch):
@@ -104,7 +128,7 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
     import assets.champion
     from assets.champion import champion
     from assets.lora_adapter import LoraAdapter
-    from orchestration.config import PromotionConfig
+    from orchestration.promotion_gate import PromotionGate
 
     tracker = resources["mlflow_tracker"]
     good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
@@ -119,8 +143,8 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
     monkeypatch.setattr(assets.champion, "decide", decide)
     outcomes = []
     threads = [threading.Thread(target=lambda a=a: outcomes.append(champion(
-        build_asset_context(), config=PromotionConfig(), evaluation_report={"scores": good}, lora_adapter=a,
-        mlflow_tracker=tracker).value)) for a in candidates]
+        build_asset_context(), evaluation_report={"scores": good}, lora_adapter=a, mlflow_tracker=tracker,
+        promotion_gate=PromotionGate()).value)) for a in candidates]
     for t in threads:
         t.start()
     for t in threads:
@@ -129,3 +153,15 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
     (winner,) = [o for o in outcomes if o["promoted"]]
     assert tracker.champion()[0].run_id == winner["candidate_run_id"]
     assert len(mlflow.MlflowClient().search_model_versions(f"name='{tracker.registered_model}'")) == 1
+
+
+def test_persona_yaml_sets_the_gate_under_resources_and_says_so_for_the_old_place():
+    from orchestration.project_config import check_run_config
+
+    assert check_run_config({"resources": {"promotion_gate": {"config": {"min_identity": 0.9}}}}) == []
+    (old,) = check_run_config({"ops": {"champion": {"config": {"min_identity": 0.9}}}})
+    assert old[0] == ("ops", "champion", "config") and "resources.promotion_gate.config" in old[1]
+    (typo,) = check_run_config({"resources": {"promotion_gate": {"config": {"min_identiy": 0.9}}}})
+    assert "did you mean min_identity?" in typo[1]
+    (other,) = check_run_config({"resources": {"trainer": {"config": {}}}})
+    assert "allowed: promotion_gate" in other[1]

@@ -158,7 +158,8 @@ def trained(tiny_model, home, resources):
 
 def lenient(config: dict) -> dict:
     """The tiny model cannot pass a real gate; open it so the first run crowns a champion to protect."""
-    config["ops"]["champion"] = {"config": {"min_identity": 0, "min_adversarial": 0, "min_general_retention": 0}}
+    config["resources"] = {"promotion_gate": {"config": {"min_identity": 0, "min_adversarial": 0,
+                                                         "min_general_retention": 0}}}
     return config
 
 
