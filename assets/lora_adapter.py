@@ -41,7 +41,7 @@ TRAINING_LOCK = ".training.lock"  # under outputs/: held while a training runs (
 
 # code_version: bump it with any change to how an adapter is trained (persona/recipe.py, training.py,
 # train_worker.py); Dagster then marks adapters and evaluation reports stale, and the retrain schedule retrains.
-# The schedule also sees edits to the default recipes' values without a bump (orchestration/project_config.py).
+# The schedule also sees edits to the default recipes' values without a bump (orchestration/upstream.py).
 # pool: at most one training at a time; the limit is in dagster.yaml.
 # retry_policy: a killed trainer (a signal, the out-of-memory killer; TrainingInterrupted) is tried again, and the
 # retry resumes from the training's last checkpoint (outputs/checkpoints/); other failures are not retried.

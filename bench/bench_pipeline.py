@@ -47,7 +47,8 @@ def run_once(args) -> dict:
     from dagster import DagsterInstance
 
     from orchestration.definitions import defs
-    from orchestration.project_config import load_run_config, run_tags
+    from orchestration.run_config import load_run_config
+    from orchestration.upstream import run_tags
 
     config = load_run_config({"ops": {"base_model": {"config": {"model": args.model}}}} if args.model else {})
     instance = DagsterInstance.get()

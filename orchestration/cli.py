@@ -2,7 +2,7 @@
 champion or any adapter.
 
 Why this module is long: it is the command line's one table of subcommands and flags, with each command's few lines
-of glue; the work itself lives in persona/ and orchestration/ (plain_errors, instance, project_config)."""
+of glue; the work itself lives in persona/ and orchestration/ (plain_errors, instance, run_config, upstream)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,8 @@ from orchestration.resources import PROJECT_ROOT
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(Path(os.environ.get("PERSONA_HOME", PROJECT_ROOT), ".dagster")))
-    from orchestration.project_config import link_instance_config, load_run_config, run_tags
+    from orchestration.run_config import link_instance_config, load_run_config
+    from orchestration.upstream import run_tags
 
     link_instance_config(os.environ["DAGSTER_HOME"])  # so `dagster dev` on this home runs one training at a time
     from orchestration.definitions import defs
@@ -102,7 +103,7 @@ are left out. Exit status: 0 ok, 1 problems (printed as file:line: problem — f
 
 def _validate(args: argparse.Namespace) -> int:
     from orchestration.config import CurationConfig
-    from orchestration.project_config import load_run_config, op_config
+    from orchestration.run_config import load_run_config, op_config
     from orchestration.resources import DataPathError, ModelHub, Workspace
     from persona.base_tokenizer import base_tokenizer, folder_tokenizer
     from persona.data import DatasetError, load_dataset
@@ -168,7 +169,7 @@ def _registry():
 
 def _base_model(args: argparse.Namespace):
     """--model, else persona.yaml's base_model, else the embedded default (converted on first use)."""
-    from orchestration.project_config import load_run_config, op_config
+    from orchestration.run_config import load_run_config, op_config
     from orchestration.resources import ModelHub
 
     configured = op_config(load_run_config(), "base_model")

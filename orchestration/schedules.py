@@ -8,10 +8,10 @@ import os
 from dagster import (DagsterRunStatus, DefaultScheduleStatus, RunRequest, RunsFilter, ScheduleEvaluationContext,
                      SkipReason, schedule)
 
-from orchestration.project_config import (UPSTREAM_TAG, last_adapter_run, load_run_config, run_tags, switched_off,
-                                          switched_on)
 from orchestration.resources import MlflowTracker, Workspace
+from orchestration.run_config import load_run_config, switched_off, switched_on
 from orchestration.stale_runs import reap_stale_runs
+from orchestration.upstream import UPSTREAM_TAG, last_adapter_run, run_tags
 
 CRON_ENV = "PERSONA_RETRAIN_CRON"
 CRON = "0 3 * * 1"                      # Mondays at 03:00 UTC

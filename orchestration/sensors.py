@@ -9,10 +9,10 @@ from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, sensor
 
-from orchestration.project_config import (DATA_HASH_TAG, dataset_hash, dataset_sources, last_adapter_run,
-                                          load_run_config, run_tags, switched_off)
 from orchestration.resources import MlflowTracker, Workspace
+from orchestration.run_config import load_run_config, switched_off
 from orchestration.stale_runs import reap_stale_runs
+from orchestration.upstream import DATA_HASH_TAG, dataset_hash, dataset_sources, last_adapter_run, run_tags
 
 SWITCH_ENV = "PERSONA_DATASET_SENSOR"            # "off" turns the sensor off
 QUIET_ENV = "PERSONA_SENSOR_QUIET_SECONDS"       # how long the files must stay unchanged before a run starts

@@ -77,7 +77,7 @@ def test_a_killed_persona_run_is_reaped_and_frees_the_training_pool(tiny_model, 
     import yaml
     from dagster import DagsterInstance, DagsterRunStatus
 
-    from orchestration.project_config import link_instance_config
+    from orchestration.run_config import link_instance_config
     from orchestration.resources import MlflowTracker
     from orchestration.stale_runs import reap_stale_runs, stale_runs
     from test_sensor_daemon_e2e import BIN, project

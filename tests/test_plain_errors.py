@@ -202,7 +202,7 @@ def test_persona_yaml_mistakes_are_located(cli, home, capsys):
 
 def test_persona_yaml_knows_every_setting_of_the_job():
     from orchestration.definitions import defs
-    from orchestration.project_config import STEP_CONFIGS
+    from orchestration.run_config import STEP_CONFIGS
 
     job = defs.resolve_job_def("train_persona")
     configurable = {node.name: set(node.config_schema.config_type.fields) for node in job.graph.node_defs

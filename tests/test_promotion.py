@@ -156,7 +156,7 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
 
 
 def test_persona_yaml_sets_the_gate_under_resources_and_says_so_for_the_old_place():
-    from orchestration.project_config import check_run_config
+    from orchestration.run_config import check_run_config
 
     assert check_run_config({"resources": {"promotion_gate": {"config": {"min_identity": 0.9}}}}) == []
     (old,) = check_run_config({"ops": {"champion": {"config": {"min_identity": 0.9}}}})

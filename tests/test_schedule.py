@@ -8,7 +8,8 @@ from dagster import (DagsterRun, DagsterRunStatus, RunRequest, SkipReason, asset
                      instance_for_test, materialize)
 
 from orchestration import schedules
-from orchestration.project_config import UPSTREAM_TAG, load_run_config, run_tags
+from orchestration.run_config import load_run_config
+from orchestration.upstream import UPSTREAM_TAG, run_tags
 from orchestration.resources import MlflowTracker, Workspace
 from orchestration.schedules import ALWAYS_ENV, CRON, CRON_ENV, retrain_schedule
 
@@ -108,7 +109,7 @@ def test_schedule_cron_is_configurable(monkeypatch):
 
 
 def test_schedule_sensor_and_persona_run_share_persona_yaml(home):
-    from orchestration.project_config import project_file
+    from orchestration.run_config import project_file
 
     assert load_run_config() == {}  # the file is optional
     project_file().write_text(yaml.safe_dump({"ops": {"base_model": {"config": {"model": "/models/a", "revision": "v1"}},

@@ -7,7 +7,8 @@ import yaml
 from dagster import asset, build_sensor_context, instance_for_test, materialize
 
 from orchestration import sensors
-from orchestration.project_config import DATA_HASH_TAG, UPSTREAM_TAG, dataset_hash, load_run_config
+from orchestration.run_config import load_run_config
+from orchestration.upstream import DATA_HASH_TAG, UPSTREAM_TAG, dataset_hash
 from orchestration.resources import MlflowTracker, Workspace
 from orchestration.sensors import QUIET_ENV, dataset_sensor
 

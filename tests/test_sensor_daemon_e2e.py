@@ -17,7 +17,9 @@ import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from dagster._core.scheduler.instigation import InstigatorType
 
-from orchestration.project_config import TRIGGER_TAG, link_instance_config
+from orchestration.run_config import link_instance_config
+
+from orchestration.upstream import TRIGGER_TAG
 from processes import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.daemon]
