@@ -16,8 +16,10 @@ FLASH_IMPLS = ("flash_attn", "flash_attention_2", "flash_attention_3", "flash_at
 
 
 def packs_with_sdpa(args: dict) -> bool:
-    """True when the ms-swift arguments ask for padding_free on SDPA (no attn_impl, or 'sdpa')."""
-    return bool(args.get("padding_free")) and not args.get("packing") and args.get("attn_impl") in (None, "sdpa")
+    """True when the ms-swift arguments ask for padding_free on an attention that transformers masks per sample from
+    the position_ids (no attn_impl or 'sdpa': a block-diagonal mask; 'flex_attention': a block mask)."""
+    return (bool(args.get("padding_free")) and not args.get("packing")
+            and args.get("attn_impl") in (None, "sdpa", "flex_attention"))
 
 
 def sft_arguments(cls, args: dict):

@@ -104,12 +104,20 @@ SEED_GPU = Recipe(
 # knob cuts CPU time per step without changing the math: PyTorch's cuDNN attention backend costs ~1 ms of CPU per
 # call (84 calls per step with checkpointing) against ~0.05 ms for the flash / memory-efficient kernels.
 # BENCHMARKS.md has the ablation (and the 2026-12-03 A/B that removed the fused LoRA layers: no gain).
+#
+# The micro-batch of 16 is one row of its samples, without padding (padding_free, on SDPA: persona.packing). The
+# data's shape decides what that saves: padded, a micro-batch costs 16 x its longest sample. On seed 003's mix of
+# alpaca-gpt4 zh/en rows (lengths 28-741 tokens, bench/seed_mix.py) the padded recipe computed 2,676 tok/s at 22.6
+# GiB and the padding-free one 4,510 tok/s at 17.4 GiB (3 epochs, 521k tokens: 117 s, the seed recipe's 444 tok/s
+# would take 20 min); on the 50 short identity rows, whose lengths barely differ, 15.4 s against 17.9 s. Same
+# losses step by step (BENCHMARKS.md "Seed 003's mixed workload").
 FAST_GPU = replace(
     SEED_GPU,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=1,
     use_liger_kernel=True,
     cudnn_attention=False,
+    padding_free=True,
 )
 
 # CPU recipes follow the model's size. The rule: LoRA's learning rate falls as the model grows, and a small,

@@ -289,10 +289,13 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
     count = preflight.tokenizer_counter(base.path)
     lengths = [min(n, recipe.max_length) for n in preflight.sample_tokens(dataset_path, recipe.system, count)]
     replay_rows = preflight.has_replay_rows(dataset_path)
-    if recipe.padding_free:  # one row of a micro-batch's samples: at worst its longest samples together
-        seq_len = preflight.packed_tokens(lengths, recipe.per_device_train_batch_size)
-        estimate = preflight.estimate_for_recipe(shape, recipe.with_overrides(per_device_train_batch_size=1),
-                                                 seq_len, world_size, replay_rows)
+    if recipe.padding_free:  # one row of a micro-batch's samples; max_length caps each sample, not the row
+        batch = recipe.per_device_train_batch_size
+        micro_batches = math.ceil(len(lengths) / (batch * world_size)) * recipe.num_train_epochs
+        seq_len = preflight.packed_tokens(lengths, batch, micro_batches)
+        estimate = preflight.estimate_for_recipe(
+            shape, recipe.with_overrides(per_device_train_batch_size=1, max_length=max(seq_len, recipe.max_length)),
+            seq_len, world_size, replay_rows)
     else:
         seq_len = max(lengths, default=0)
         estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)

@@ -103,6 +103,7 @@ def test_fast_recipe_keeps_the_seeds_optimization():
     assert FAST_GPU.samples_per_step == SEED_GPU.samples_per_step == 16
     assert FAST_GPU.gradient_accumulation_steps == 1 and FAST_GPU.gradient_checkpointing
     assert FAST_GPU.use_liger_kernel and FAST_GPU.liger_kernels == ("fused_linear_cross_entropy",)
+    assert FAST_GPU.padding_free and not SEED_GPU.padding_free  # the seed's own layout stays the reference
 
 
 def test_params_round_trip_and_overrides():
@@ -144,7 +145,8 @@ def test_swift_arguments_fast_gpu():
     assert kw["lora_dropout"] == 0.05 and kw["dataloader_num_workers"] == 0
     assert kw["save_steps"] >= 10**9 and kw["split_dataset_ratio"] == 0  # no mid-run checkpoints or evaluation
     assert kw["include_num_input_tokens_seen"] == "non_padding"
-    assert "use_cpu" not in kw and "padding_free" not in kw and "attn_impl" not in kw
+    assert "use_cpu" not in kw and "attn_impl" not in kw
+    assert kw["padding_free"] is True  # one row of the micro-batch's samples, on SDPA (persona.packing)
     assert (kw["model_type"], kw["template"]) == ("qwen2", "qwen2_5")
 
 
@@ -285,6 +287,12 @@ def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, m
 
     assert preflight.packed_tokens([5, 50, 7, 40, 3], 2) == 90
     assert preflight.packed_tokens([5, 7], 16) == 12
+    # many micro-batches of a large set: the expected largest random row, between the mean row and the worst one
+    lengths = [100 + (i * 37) % 600 for i in range(1000)]
+    mean_row, worst = 16 * sum(lengths) / len(lengths), sum(sorted(lengths)[-16:])
+    expected = preflight.packed_tokens(lengths, 16, micro_batches=189)
+    assert mean_row < expected < worst and expected < preflight.packed_tokens(lengths, 16, micro_batches=10**6)
+    assert preflight.packed_tokens(lengths, 16, micro_batches=1) == worst
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(QWEN25_7B))
@@ -298,6 +306,10 @@ def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, m
     assert padded["seq_len"] == max(lengths) and padded["estimate"]["micro_batch"] == 2
     assert packed["seq_len"] == sum(sorted(lengths)[-2:]) and packed["estimate"]["micro_batch"] == 1
     assert packed["total_bytes"] < padded["total_bytes"]  # 400 + 300 tokens, not 2 x 400
+    # max_length caps each sample, not the packed row
+    short = preflight_job(base(model), str(data), recipe.with_overrides(max_length=450))
+    assert short["seq_len"] == sum(sorted(min(n, 450) for n in lengths)[-2:]) > 450
+    assert short["estimate"]["seq_len"] == short["seq_len"]
 
 
 # --- the refusal, end to end through the launcher (the child stops before loading any weight) ---------------------

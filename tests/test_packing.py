@@ -72,6 +72,8 @@ def test_padding_free_passes_ms_swift_checks_only_for_sdpa():
     assert sft_arguments(Args, {"padding_free": True}).padding_free is True
     assert sft_arguments(Args, {"padding_free": True, "attn_impl": "sdpa"}).padding_free is True
     assert sft_arguments(Args, {"padding_free": True, "attn_impl": "flash_attn"}).padding_free is True
+    # flex attention reads the sample boundaries from the position_ids too (a block mask); ran on an H100
+    assert sft_arguments(Args, {"padding_free": True, "attn_impl": "flex_attention"}).padding_free is True
     with pytest.raises(ValueError):
         sft_arguments(Args, {"padding_free": True, "attn_impl": "eager"})
     assert not packs_with_sdpa({"padding_free": True, "packing": True})
