@@ -84,7 +84,8 @@ class TrainingConfig(Config):
                                               "distribution instead (KL x this weight).")
     padding_free: Optional[bool] = Field(default=None, description="Train each micro-batch as one row of its "
                                          "samples, without padding (ms-swift's padding_free; on SDPA without "
-                                         "flash-attn: persona/packing.py). Pays on data of mixed lengths.")
+                                         "flash-attn: persona/packing.py). Pays on data of mixed lengths. "
+                                         "Unset: on with the GPU fast recipe, off on a CPU and with the seed recipe.")
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in ("device", "recipe") and v is not None}
