@@ -78,6 +78,8 @@ class Recipe:
                 clean[key] = tuple(x for x in clean[key].split(",") if x)
             elif key in clean:
                 clean[key] = tuple(clean[key])
+        if clean.get("replay_kl_weight", 0) > 0 and "padding_free" not in clean:
+            clean["padding_free"] = False  # the KL compares each replay row with the base model: a row per sample
         return replace(self, **clean)
 
 

@@ -115,6 +115,11 @@ def test_params_round_trip_and_overrides():
     assert r.learning_rate == FAST_GPU.learning_rate
     with pytest.raises(ValueError, match="unknown recipe field"):
         FAST_GPU.with_overrides(recipe="fast")
+    # replay rows held to the base model (KL) need a row per sample: asking for them turns the packing off,
+    # unless padding_free is asked for too (then persona.distill says it learns them as plain targets)
+    assert not FAST_GPU.with_overrides(replay_kl_weight=2.0).padding_free
+    assert FAST_GPU.with_overrides(replay_kl_weight=2.0, padding_free=True).padding_free
+    assert FAST_GPU.with_overrides(replay_kl_weight=0.0).padding_free
 
 
 @pytest.mark.parametrize("bs,ga,world,expect", [
