@@ -7,13 +7,14 @@ from dagster import AssetExecutionContext, MetadataValue, Output, asset
 from assets.lora_adapter import LoraAdapter
 from orchestration.promotion_gate import PromotionGate
 from orchestration.resources import MlflowTracker
-from persona.promotion import Candidate, decide
+from persona.promotion import Candidate, PromotionDecision, decide
+from persona.report import EvaluationReport
 
 
 @asset(group_name="persona", code_version="1", description=__doc__)
-def champion(context: AssetExecutionContext, evaluation_report: dict, lora_adapter: LoraAdapter,
-             mlflow_tracker: MlflowTracker, promotion_gate: PromotionGate) -> Output[dict]:
-    candidate = Candidate.from_metrics(evaluation_report["scores"])
+def champion(context: AssetExecutionContext, evaluation_report: EvaluationReport, lora_adapter: LoraAdapter,
+             mlflow_tracker: MlflowTracker, promotion_gate: PromotionGate) -> Output[PromotionDecision]:
+    candidate = Candidate.from_metrics(evaluation_report.scores)
     # Compare and set as one step: two runs that finish together never both beat the same champion.
     with mlflow_tracker.promotion_lock(on_wait=context.log.info):
         current = mlflow_tracker.champion()
@@ -26,8 +27,9 @@ def champion(context: AssetExecutionContext, evaluation_report: dict, lora_adapt
         else:
             version = current[0].version if current else None
             run_id = current[0].run_id if current else None
-    result = {"promoted": decision.promote, "reasons": list(decision.reasons), "champion_version": version,
-              "champion_run_id": run_id, "candidate_run_id": lora_adapter.mlflow_run_id}
+    result = PromotionDecision(promoted=decision.promote, reasons=decision.reasons,
+                               candidate_run_id=lora_adapter.mlflow_run_id,
+                               champion_version=None if version is None else str(version), champion_run_id=run_id)
     return Output(result, metadata={
         "promoted": decision.promote,
         "decision": str(decision),

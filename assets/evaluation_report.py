@@ -19,7 +19,7 @@ from assets.baseline_answers import BaselineAnswers
 from assets.lora_adapter import LoraAdapter
 from orchestration.resources import MlflowTracker
 from persona.data import Identity
-from persona.report import comparison_table, retention_report, scores_table
+from persona.report import EvaluationReport, comparison_table, retention_report, scores_table
 from persona.scoring import as_json, metrics
 
 
@@ -29,7 +29,7 @@ def evaluation_report(
     baseline_answers: BaselineAnswers,
     lora_adapter: LoraAdapter,
     mlflow_tracker: MlflowTracker,
-) -> Output[dict]:
+) -> Output[EvaluationReport]:
     import mlflow
 
     identity = Identity(**lora_adapter.identity)
@@ -49,17 +49,17 @@ def evaluation_report(
     scores = metrics(results, identity.markers())
     kinds_table, answers_table, kept = scores_table(results), comparison_table(results), retention_report(results)
     context.log.info(kept.splitlines()[0] if kept else "no general retention (no adapter answers)")
-    report = {"scores": scores, "by_kind": as_json(results), "table_markdown": answers_table,
-              "kinds_markdown": kinds_table, "retention_markdown": kept, "adapter": lora_adapter.path,
-              "mlflow_run_id": lora_adapter.mlflow_run_id,
-              "answers": {name: [{"kind": a.probe.kind, "question": a.probe.question, "answer": a.text,
-                                  "passed": a.passed, "truncated": a.truncated} for a in s.answers] for name, s in results.items()}}
+    report = EvaluationReport(
+        scores=scores, adapter=lora_adapter.path, mlflow_run_id=lora_adapter.mlflow_run_id,
+        kinds_markdown=kinds_table, table_markdown=answers_table, retention_markdown=kept, by_kind=as_json(results),
+        answers={name: [{"kind": a.probe.kind, "question": a.probe.question, "answer": a.text, "passed": a.passed,
+                         "truncated": a.truncated} for a in s.answers] for name, s in results.items()})
     with mlflow_tracker.run(run_id=lora_adapter.mlflow_run_id):
         mlflow.log_metrics(scores)
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "evaluation.md").write_text(kinds_table + "\n\n" + kept + "\n\n" + answers_table + "\n",
                                                   encoding="utf-8")
-            Path(tmp, "evaluation.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+            Path(tmp, "evaluation.json").write_text(json.dumps(report.as_json(), indent=2, ensure_ascii=False), encoding="utf-8")
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
     contract = {k.split("/")[1]: round(v, 3) for k, v in scores.items()

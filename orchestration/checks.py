@@ -11,6 +11,7 @@ from persona.data import Dataset, Problem, normalize_question, read_file
 from persona.probes import load_probes
 from orchestration.promotion_gate import PromotionGate
 from persona.promotion import Candidate, Thresholds
+from persona.report import EvaluationReport
 
 # The quality checks read the run's promotion_gate resource, the thresholds `champion` decides with: they warn,
 # the gate decides. Their descriptions quote the defaults.
@@ -21,10 +22,10 @@ def _warn_unless(passed: bool, **metadata) -> AssetCheckResult:
     return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
-def _threshold(evaluation_report: dict, metric: str, threshold: float, at_most: bool = False,
+def _threshold(evaluation_report: EvaluationReport, metric: str, threshold: float, at_most: bool = False,
                missing: str = "not measured") -> AssetCheckResult:
     """`metric` of the evaluation against a threshold (at least, or at most); a metric not measured passes."""
-    value = evaluation_report["scores"].get(metric)
+    value = evaluation_report.scores.get(metric)
     if value is None:
         return _warn_unless(True, note=missing)
     return _warn_unless(value <= threshold if at_most else value >= threshold,
@@ -34,14 +35,14 @@ def _threshold(evaluation_report: dict, metric: str, threshold: float, at_most: 
 @asset_check(asset=evaluation_report,
              description=f"The adapter names the new identity on ≥ promotion_gate.min_identity (default "
                          f"{DEFAULTS.min_identity:.0%}) of held-out identity questions.")
-def identity_learned(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+def identity_learned(evaluation_report: EvaluationReport, promotion_gate: PromotionGate) -> AssetCheckResult:
     return _threshold(evaluation_report, "eval/identity_score_after", promotion_gate.min_identity)
 
 
 @asset_check(asset=evaluation_report,
              description=f"The adapter keeps its identity against ≥ promotion_gate.min_adversarial (default "
                          f"{DEFAULTS.min_adversarial:.0%}) of adversarial prompts.")
-def adversarial_resisted(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+def adversarial_resisted(evaluation_report: EvaluationReport, promotion_gate: PromotionGate) -> AssetCheckResult:
     return _threshold(evaluation_report, "eval/adversarial_adapter", promotion_gate.min_adversarial,
                       missing="no adversarial probes")
 
@@ -49,8 +50,8 @@ def adversarial_resisted(evaluation_report: dict, promotion_gate: PromotionGate)
 @asset_check(asset=evaluation_report,
              description=f"The adapter keeps ≥ promotion_gate.min_general_retention (default "
                          f"{DEFAULTS.min_general_retention:.0%}) of the general answers the base model got right.")
-def general_ability_kept(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
-    s = evaluation_report["scores"]
+def general_ability_kept(evaluation_report: EvaluationReport, promotion_gate: PromotionGate) -> AssetCheckResult:
+    s = evaluation_report.scores
     candidate = Candidate.from_metrics(s)
     threshold = promotion_gate.min_general_retention
     return _warn_unless(candidate.general_retention >= threshold,
@@ -64,7 +65,7 @@ def general_ability_kept(evaluation_report: dict, promotion_gate: PromotionGate)
 @asset_check(asset=evaluation_report,
              description=f"At most promotion_gate.max_identity_leak (default {DEFAULTS.max_identity_leak:.0%}) of "
                          "the adapter's general answers state the identity.")
-def identity_stays_out_of_general_answers(evaluation_report: dict, promotion_gate: PromotionGate) -> AssetCheckResult:
+def identity_stays_out_of_general_answers(evaluation_report: EvaluationReport, promotion_gate: PromotionGate) -> AssetCheckResult:
     return _threshold(evaluation_report, "eval/general_identity_leak_after", promotion_gate.max_identity_leak,
                       at_most=True)
 

@@ -58,10 +58,10 @@ def _print_report(result, took: float) -> None:
     stages = {k: round(v, 1) for k, v in times.items() if "." not in k and "_is_" not in k}
     report = result.output_for_node("evaluation_report")
     decision = result.output_for_node("champion")
-    s = report["scores"]
-    print("\n" + report["table_markdown"] + "\n\n" + report["kinds_markdown"] + "\n")
-    if report.get("retention_markdown"):
-        print(report["retention_markdown"] + "\n")
+    s = report.scores
+    print("\n" + report.table_markdown + "\n\n" + report.kinds_markdown + "\n")
+    if report.retention_markdown:
+        print(report.retention_markdown + "\n")
     print(f"identity score: {s['eval/identity_score_before']:.2f} → {s['eval/identity_score_after']:.2f}   "
           f"general score: {s['eval/general_score_before']:.2f} → {s['eval/general_score_after']:.2f}")
     if "eval/general_retention" in s:
@@ -70,13 +70,13 @@ def _print_report(result, took: float) -> None:
     if "eval/general_identity_leak_after" in s:
         print(f"general answers stating the identity: {s['eval/general_identity_leak_before']:.0%} → "
               f"{s['eval/general_identity_leak_after']:.0%}")
-    print(f"champion:    {'promoted' if decision['promoted'] else 'unchanged'} — {'; '.join(decision['reasons'])}")
+    print(f"champion:    {'promoted' if decision.promoted else 'unchanged'} — {'; '.join(decision.reasons)}")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + f"; pipeline {took:.0f}")
-    print(f"adapter:     {report['adapter']}")
-    print(f"MLflow run:  {report['mlflow_run_id']}  (open the MLflow UI: see README)")
+    print(f"adapter:     {report.adapter}")
+    print(f"MLflow run:  {report.mlflow_run_id}  (open the MLflow UI: see README)")
     print(f"Dagster run: {result.run_id}  (open the Dagster UI: see README)")
-    summary = {"dagster_run_id": result.run_id, "mlflow_run_id": report["mlflow_run_id"], "adapter": report["adapter"],
-               "scores": s, "promoted": decision["promoted"], "reasons": decision["reasons"],
+    summary = {"dagster_run_id": result.run_id, "mlflow_run_id": report.mlflow_run_id, "adapter": report.adapter,
+               "scores": s, "promoted": decision.promoted, "reasons": list(decision.reasons),
                "stage_seconds": stages, "pipeline_seconds": round(took, 1)}
     try:
         atomic_write_text(Workspace().output(LAST_RUN), json.dumps(summary, indent=2, ensure_ascii=False))

@@ -51,6 +51,17 @@ class Decision:
         return ("promoted: " if self.promote else "not promoted: ") + "; ".join(self.reasons)
 
 
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What the promotion step decided (the `champion` asset's value) and who holds the champion alias after it."""
+
+    promoted: bool
+    reasons: tuple[str, ...]
+    candidate_run_id: str
+    champion_version: str | None = None  # the registered model version holding the alias (None: no champion)
+    champion_run_id: str | None = None
+
+
 def decide(candidate: Candidate, champion: Candidate | None, t: Thresholds = Thresholds()) -> Decision:
     failed = []
     if candidate.identity < t.min_identity:

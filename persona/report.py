@@ -1,7 +1,28 @@
 """The evaluation as markdown: scores per kind, the retention report, the side-by-side answers."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 from persona.scoring import CONTENDER_TITLES, Answer, Scores, retention
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What an evaluation hands on (the `evaluation_report` asset's value): the MLflow metrics
+    (persona.scoring.metrics), the tables as markdown, every contender's answers, and the adapter and MLflow run
+    they belong to."""
+
+    scores: dict[str, float]
+    adapter: str
+    mlflow_run_id: str
+    kinds_markdown: str = ""
+    table_markdown: str = ""
+    retention_markdown: str = ""
+    by_kind: dict = field(default_factory=dict)
+    answers: dict[str, list[dict]] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return asdict(self)
 
 
 def _cell(v: float | None) -> str:

@@ -93,7 +93,7 @@ def test_pipeline_against_a_tracking_server(tiny_model, home, resources, mlflow_
     assert result.success
     adapter = result.output_for_node("lora_adapter")
     decision = result.output_for_node("champion")
-    assert decision["promoted"] and decision["champion_run_id"] == adapter.mlflow_run_id
+    assert decision.promoted and decision.champion_run_id == adapter.mlflow_run_id
 
     # The run, as the local store has it (test_pipeline_e2e.py).
     client = tracker.client()

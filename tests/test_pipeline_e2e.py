@@ -39,7 +39,7 @@ def test_whole_graph_then_bad_data_loses_nothing(tiny_model, home, resources, re
     assert "| kind | question | base model | identity in system prompt only | LoRA adapter |" in \
         mats["evaluation_report"]["before_after"].value
     decision = result.output_for_node("champion")
-    assert decision["candidate_run_id"] == adapter.mlflow_run_id and decision["reasons"]
+    assert decision.candidate_run_id == adapter.mlflow_run_id and decision.reasons
     assert mats["evaluation_report"]["mlflow_run"].value.endswith(adapter.mlflow_run_id)
     assert mats["evaluation_report"]["baseline"].value == "from baseline_answers"
     assert mats["baseline_answers"]["answers"].value == {"base": 5, "prompt_only": 4}  # 2 showcase + 3 probes; prompt-only skips the general one

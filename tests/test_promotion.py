@@ -2,6 +2,12 @@
 import mlflow
 
 from persona.promotion import Candidate, Thresholds, decide
+from persona.report import EvaluationReport
+
+
+def report_of(scores: dict) -> EvaluationReport:
+    """An evaluation's report with these metrics and nothing else (what the checks and the gate read)."""
+    return EvaluationReport(scores=scores, adapter="", mlflow_run_id="")
 
 
 def trained_adapter(tracker, tmp_path, scores: dict):
@@ -58,8 +64,8 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
 
     tracker = resources["mlflow_tracker"]
 
-    def trained(scores: dict) -> tuple[dict, LoraAdapter]:
-        return {"scores": scores}, trained_adapter(tracker, tmp_path, scores)
+    def trained(scores: dict) -> tuple[EvaluationReport, LoraAdapter]:
+        return report_of(scores), trained_adapter(tracker, tmp_path, scores)
 
     def promote(report, adapter):
         return champion(build_asset_context(), evaluation_report=report, lora_adapter=adapter,
@@ -68,17 +74,17 @@ def test_worse_second_adapter_does_not_take_the_champion_alias(home, resources, 
     good = {"eval/identity_score_after": 0.95, "eval/general_score_after": 0.6, "eval/general_score_before": 0.6,
             "eval/adversarial_adapter": 0.8}
     first = promote(*trained(good))
-    assert first["promoted"] and str(first["champion_version"]) == "1"
+    assert first.promoted and str(first.champion_version) == "1"
     version, _ = tracker.champion()
-    assert version.run_id == first["candidate_run_id"]
+    assert version.run_id == first.candidate_run_id
     assert version.source.endswith("/adapter")  # adapter-only artifacts
 
     worse = promote(*trained({**good, "eval/identity_score_after": 0.85}))
-    assert not worse["promoted"] and "does not beat the champion" in " ".join(worse["reasons"])
-    assert tracker.champion()[0].run_id == first["candidate_run_id"]
+    assert not worse.promoted and "does not beat the champion" in " ".join(worse.reasons)
+    assert tracker.champion()[0].run_id == first.candidate_run_id
 
     better = promote(*trained({**good, "eval/identity_score_after": 1.0}))
-    assert better["promoted"] and tracker.champion()[0].run_id == better["candidate_run_id"]
+    assert better.promoted and tracker.champion()[0].run_id == better.candidate_run_id
 
 
 def test_quality_checks_warn_against_the_gate_thresholds():
@@ -86,13 +92,13 @@ def test_quality_checks_warn_against_the_gate_thresholds():
     from orchestration.promotion_gate import PromotionGate
 
     gate = PromotionGate()
-    leaky = identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 12 / 36}}, gate)
+    leaky = identity_stays_out_of_general_answers(report_of({"eval/general_identity_leak_after": 12 / 36}), gate)
     assert not leaky.passed and leaky.metadata["threshold"].value == 0.1
-    assert identity_stays_out_of_general_answers({"scores": {"eval/general_identity_leak_after": 0.0}}, gate).passed
-    assert identity_stays_out_of_general_answers({"scores": {}}, gate).passed  # an evaluation that did not measure it
-    assert not adversarial_resisted({"scores": {"eval/adversarial_adapter": 0.2}}, gate).passed
-    assert adversarial_resisted({"scores": {}}, gate).metadata["note"].value == "no adversarial probes"
-    assert identity_learned({"scores": {"eval/identity_score_after": 0.8}}, gate).passed
+    assert identity_stays_out_of_general_answers(report_of({"eval/general_identity_leak_after": 0.0}), gate).passed
+    assert identity_stays_out_of_general_answers(report_of({}), gate).passed  # an evaluation that did not measure it
+    assert not adversarial_resisted(report_of({"eval/adversarial_adapter": 0.2}), gate).passed
+    assert adversarial_resisted(report_of({}), gate).metadata["note"].value == "no adversarial probes"
+    assert identity_learned(report_of({"eval/identity_score_after": 0.8}), gate).passed
 
 
 def test_the_checks_and_the_gate_read_the_same_configured_thresholds(tiny_model, home, resources):
@@ -109,12 +115,12 @@ def test_the_checks_and_the_gate_read_the_same_configured_thresholds(tiny_model,
               if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     assert checks["identity_learned"].passed and checks["identity_learned"].metadata["threshold"].value == 0
     assert checks["general_ability_kept"].metadata["threshold"].value == 0
-    assert result.output_for_node("champion")["promoted"]  # the untrained adapter passes the opened gate
+    assert result.output_for_node("champion").promoted  # the untrained adapter passes the opened gate
     strict = materialize(ASSETS, resources=resources, run_config=run_config(tiny_model))
     checks = {e.event_specific_data.check_name: e.event_specific_data for e in strict.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     assert checks["identity_learned"].metadata["threshold"].value == 0.8  # the defaults, for both
-    assert not strict.output_for_node("champion")["promoted"]
+    assert not strict.output_for_node("champion").promoted
 
 
 def test_two_runs_that_finish_together_never_both_become_champion(home, resources, tmp_path, monkeypatch):
@@ -143,15 +149,15 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
     monkeypatch.setattr(assets.champion, "decide", decide)
     outcomes = []
     threads = [threading.Thread(target=lambda a=a: outcomes.append(champion(
-        build_asset_context(), evaluation_report={"scores": good}, lora_adapter=a, mlflow_tracker=tracker,
+        build_asset_context(), evaluation_report=report_of(good), lora_adapter=a, mlflow_tracker=tracker,
         promotion_gate=PromotionGate()).value)) for a in candidates]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(o["promoted"] for o in outcomes) == [False, True]
-    (winner,) = [o for o in outcomes if o["promoted"]]
-    assert tracker.champion()[0].run_id == winner["candidate_run_id"]
+    assert sorted(o.promoted for o in outcomes) == [False, True]
+    (winner,) = [o for o in outcomes if o.promoted]
+    assert tracker.champion()[0].run_id == winner.candidate_run_id
     assert len(mlflow.MlflowClient().search_model_versions(f"name='{tracker.registered_model}'")) == 1
 
 

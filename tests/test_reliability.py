@@ -152,7 +152,7 @@ def trained(tiny_model, home, resources):
     """A home with one good run: curated data, an adapter (untrained: the fake trainer's), MLflow history and a
     champion."""
     result = materialize(ASSETS, resources=resources, run_config=lenient(run_config(tiny_model)))
-    assert result.success and result.output_for_node("champion")["promoted"]
+    assert result.success and result.output_for_node("champion").promoted
     return snapshot(home, resources["mlflow_tracker"])
 
 
