@@ -12,7 +12,6 @@ Why this module is long: ms-swift's arguments, the optional-kernel fallbacks and
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
@@ -304,16 +303,37 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
             "replay_rows": replay_rows}
 
 
-def parse_progress(line: str) -> dict | None:
-    """ms-swift prints one dict per logging step, e.g. {'loss': '3.01', 'global_step/max_steps': '5/192', ...}."""
-    line = line.strip()
-    if not (line.startswith("{") and "global_step/max_steps" in line):
-        return None
-    try:
-        d = ast.literal_eval(line)
-    except (ValueError, SyntaxError):
-        return None
-    return d if isinstance(d, dict) else None
+PROGRESS_FILE = "logging.jsonl"  # ms-swift appends one JSON object per logging step to its output folder
+
+
+class ProgressLog:
+    """The training's progress as ms-swift records it: the records appended to `folder`/logging.jsonl since this
+    object was made (in a resumed folder, the interrupted attempt's records are skipped)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder, PROGRESS_FILE)
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def new(self) -> list[dict]:
+        """The logging steps recorded since the last call, e.g. {'loss': 3.01, 'global_step/max_steps': '5/192',
+        'elapsed_time': '8s', 'remaining_time': '2m 1s', ...}."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]  # a record still being written is read next time
+        self.offset += len(complete)
+        records = []
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "global_step/max_steps" in record:
+                records.append(record)
+        return records
 
 
 def resume_key(base: BaseModel, dataset_path: str | Path, swift_args: dict) -> str:
@@ -465,15 +485,17 @@ def train_lora(
                                      stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
             assert child.stdout is not None
             lines = child.stdout
+        progress = ProgressLog(work)
         try:
-            for line in lines:
+            for line in lines:  # ms-swift writes a logging step to its file, then prints it
                 tail = (tail + [line.rstrip()])[-40:]
                 if on_output:
                     on_output(line.rstrip())
-                progress = parse_progress(line)
-                if progress and on_progress:
-                    on_progress(progress)
+                for record in progress.new() if on_progress else ():
+                    on_progress(record)
             code = child.wait()
+            for record in progress.new() if on_progress else ():
+                on_progress(record)
         finally:
             if standby is not None:
                 standby.warm()  # for the next run: the sensor's, the schedule's, or a user's

@@ -374,3 +374,22 @@ def test_replay_rows_add_their_logits_to_the_estimate_and_the_hints_offer_plain_
     assert not preflight.has_replay_rows(data)
     data.write_text(json.dumps({"messages": []}) + "\n" + json.dumps({"messages": [], "channel": "replay"}) + "\n")
     assert preflight.has_replay_rows(data)
+
+
+def test_progress_comes_from_ms_swifts_logging_file(tmp_path):
+    """Progress is read from the logging.jsonl ms-swift appends to, not from its printed dicts: records written
+    before (an interrupted attempt's, in a resumed folder) are skipped, and a half-written record waits."""
+    from persona.training import PROGRESS_FILE, ProgressLog
+
+    log = tmp_path / PROGRESS_FILE
+    log.write_text(json.dumps({"loss": 9.0, "global_step/max_steps": "1/4"}) + "\n")  # the earlier attempt
+    progress = ProgressLog(tmp_path)
+    assert progress.new() == []
+    step2 = json.dumps({"loss": 2.5, "global_step/max_steps": "2/4", "elapsed_time": "3s"})
+    with open(log, "a") as f:
+        f.write(step2 + "\n" + json.dumps({"train_runtime": 5.0}) + "\n" + step2[:10])  # summary, then half a line
+    assert progress.new() == [json.loads(step2)]  # the summary has no step; the half line waits
+    with open(log, "a") as f:
+        f.write(step2[10:] + "\n")
+    assert progress.new() == [json.loads(step2)] and progress.new() == []
+    assert ProgressLog(tmp_path / "elsewhere").new() == []  # no file yet: nothing
