@@ -474,6 +474,7 @@ def train_lora(
         job_file = Path(work, "job.json")
         job_file.write_text(json.dumps(job))
         tail: list[str] = []
+        progress = ProgressLog(work)  # before the child starts: it records from its first step on
         conn = standby.claim(job_file) if standby is not None else None
         if conn is not None:
             child = StandbyJob(conn)
@@ -485,7 +486,6 @@ def train_lora(
                                      stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
             assert child.stdout is not None
             lines = child.stdout
-        progress = ProgressLog(work)
         try:
             for line in lines:  # ms-swift writes a logging step to its file, then prints it
                 tail = (tail + [line.rstrip()])[-40:]
