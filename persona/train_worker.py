@@ -146,6 +146,8 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
     if checkpointing.CALLBACK in args.get("callbacks", []):
         checkpointing.register()  # (the clock that decides when a resumable training saves)
     step_clock.register()
+    if args.get("attn_impl") == packing.VARLEN:
+        packing.register_varlen()
     args = {**args, "callbacks": [*args.get("callbacks", []), step_clock.CALLBACK]}
 
     if job.get("replay_kl_weight"):

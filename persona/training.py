@@ -74,7 +74,8 @@ class MissingKernelWarning(UserWarning):
 OPTIONAL_PACKAGES: dict[str, dict[object, tuple[str, str]]] = {
     "use_liger_kernel": {True: ("liger_kernel", "liger-kernel (the gpu extra: pip install -e '.[gpu]')")},
     "attn_impl": {"flash_attn": ("flash_attn", "flash-attn"), "flash_attention_2": ("flash_attn", "flash-attn"),
-                  "flash_attention_3": ("flash_attn_interface", "FlashAttention 3 (flash_attn_interface)")},
+                  "flash_attention_3": ("flash_attn_interface", "FlashAttention 3 (flash_attn_interface)"),
+                  "torch_varlen": ("torch.nn.attention.varlen", "PyTorch >= 2.10 (torch.nn.attention.varlen)")},
 }
 # Knobs that only work with another knob's optional package: knob -> the knob it needs. None today: padding_free,
 # which ms-swift ties to flash attention, runs on SDPA too (persona.packing), so it stays on when flash-attn is missing.
@@ -84,10 +85,17 @@ NEEDS_KNOB: dict[str, str] = {}
 def missing_packages(recipe: Recipe, find_spec: Callable | None = None) -> dict[str, tuple]:
     """{knob: (value, module, what to install)} for each knob of `recipe` whose optional package is not installed."""
     find_spec = find_spec or importlib.util.find_spec
+
+    def installed(module: str) -> bool:
+        try:
+            return find_spec(module) is not None
+        except ModuleNotFoundError:  # a dotted name whose parent package is missing
+            return False
+
     missing = {}
     for knob, needs in OPTIONAL_PACKAGES.items():
         value = getattr(recipe, knob)
-        if value in needs and find_spec(needs[value][0]) is None:
+        if value in needs and not installed(needs[value][0]):
             missing[knob] = (value, *needs[value])
     return missing
 

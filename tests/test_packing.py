@@ -96,3 +96,72 @@ def test_stop_after_steps_keeps_the_whole_runs_schedule(tiny_model, tmp_path, mo
     whole = [h["learning_rate"] for h in both_layouts[0][False].log_history if "learning_rate" in h]
     assert len(whole) == 8 and lrs == pytest.approx(whole[:3])  # the 8-step schedule, not a 3-step one
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def reference_varlen(calls):
+    """PyTorch's varlen_attn contract, written plainly: causal attention within each [cu[i], cu[i+1]) span,
+    (tokens, heads, dim) in and out, fewer key/value heads shared by groups of query heads."""
+    import torch
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append({"cu": cu_q.tolist(), "max": max_q, "window": window_size, "shape": tuple(q.shape)})
+        assert cu_q is cu_k and max_q == max_k and window_size == (-1, 0)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = []
+        for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+                       .transpose(0, 1))
+        return torch.cat(out)
+
+    return kernel
+
+
+def test_varlen_attention_trains_as_sdpa_with_the_block_mask(monkeypatch):
+    """`attn_impl: torch_varlen` on a packed row: the same logits and gradients as SDPA with transformers'
+    block-diagonal mask. The CUDA kernel is replaced by its contract (reference_varlen); the H100 check of the real
+    kernel is in BENCHMARKS.md."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from persona import packing
+
+    calls: list = []
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (reference_varlen(calls), {}))
+    monkeypatch.setattr(packing, "on_kernel_device", lambda tensor: True)
+    packing.register_varlen()
+    boundaries: list = []
+    real_boundaries = packing.sample_boundaries
+    monkeypatch.setattr(packing, "sample_boundaries", lambda pos: boundaries.append(1) or real_boundaries(pos))
+
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)  # 2 query heads per key/value head, as Qwen2.5
+    torch.manual_seed(0)
+    sdpa = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation="sdpa")).train()
+    varlen = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation=packing.VARLEN)).train()
+    varlen.load_state_dict(sdpa.state_dict())
+    lengths = [5, 9, 3]
+    ids = torch.randint(0, 64, (1, sum(lengths)))
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+    outputs = {}
+    for name, model in (("sdpa", sdpa), ("varlen", varlen)):
+        out = model(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False)  # as in training
+        out.loss.backward()
+        outputs[name] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert outputs["varlen"][0] == pytest.approx(outputs["sdpa"][0], abs=1e-5)
+    for n, grad in outputs["sdpa"][1].items():
+        assert outputs["varlen"][1][n] == pytest.approx(grad, abs=1e-5), n
+    assert [c["cu"] for c in calls] == [[0, 5, 14, 17]] * 2  # each layer, the samples' boundaries
+    assert calls[0]["max"] == 9 and calls[0]["shape"] == (17, 4, 8)
+    assert len(boundaries) == 1  # computed once for the row, not per layer
+
+    # A sample attending across its boundary would change the logits: the reference is not trivially equal.
+    one_row = varlen(input_ids=ids, position_ids=torch.arange(sum(lengths)).unsqueeze(0), use_cache=False).logits
+    assert not torch.allclose(one_row, outputs["varlen"][0], atol=1e-3)
+    # Evaluation (and padded batches) take SDPA with transformers' mask.
+    calls.clear()
+    with torch.no_grad():
+        evaluated = varlen.eval()(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    assert not calls and evaluated == pytest.approx(outputs["sdpa"][0], abs=1e-5)
