@@ -35,7 +35,7 @@ class Recipe:
     lora_dropout: float = 0.05               # ms-swift's default, written out so runs record it
     use_liger_kernel: bool = False           # Liger's Triton kernels, those named in liger_kernels
     liger_kernels: tuple[str, ...] = ("fused_linear_cross_entropy",)  # or ("all",): also RoPE, RMSNorm, SwiGLU
-    attn_impl: str | None = None             # None: transformers' default (sdpa); 'flash_attn' needs flash-attn
+    attn_impl: str | None = None             # None: transformers' default (sdpa); 'torch_varlen': persona.packing
     padding_free: bool = False               # a micro-batch as one row of samples, no padding (persona.packing)
     use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
@@ -112,7 +112,10 @@ SEED_GPU = Recipe(
 # alpaca-gpt4 zh/en rows (lengths 28-741 tokens, bench/seed_mix.py) the padded recipe computed 2,676 tok/s at 22.6
 # GiB and the padding-free one 4,510 tok/s at 17.4 GiB (3 epochs, 521k tokens: 117 s, the seed recipe's 444 tok/s
 # would take 20 min); on the 50 short identity rows, whose lengths barely differ, 15.4 s against 17.9 s. Same
-# losses step by step (BENCHMARKS.md "Seed 003's mixed workload").
+# losses step by step (BENCHMARKS.md "Seed 003's mixed workload"). SDPA's block-diagonal mask still computes
+# attention over the whole row; attn_impl 'torch_varlen' (PyTorch's varlen flash kernel, persona.packing) computes
+# it within each sample: 4,966-5,188 slice tok/s against 4,376-4,381 on SDPA (alternating, one H100 call), same
+# losses. On a torch before 2.10 it falls back to SDPA with a warning (persona.training.OPTIONAL_PACKAGES).
 FAST_GPU = replace(
     SEED_GPU,
     per_device_train_batch_size=16,
@@ -120,6 +123,7 @@ FAST_GPU = replace(
     use_liger_kernel=True,
     cudnn_attention=False,
     padding_free=True,
+    attn_impl="torch_varlen",
 )
 
 # CPU recipes follow the model's size. The rule: LoRA's learning rate falls as the model grows, and a small,

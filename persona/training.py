@@ -115,7 +115,7 @@ def available_recipe(recipe: Recipe, warn: Callable[[str], None] | None = None,
         also = [k for k in off if NEEDS_KNOB.get(k) == knob]
         message = (f"{knob}={value!r} needs the Python package {module}, which is not installed: training without "
                    f"it ({', '.join(f'{k}={off[k]!r}' for k in [knob, *also])}; same optimization, more GPU "
-                   f"memory). Install {install} to use it.")
+                   f"memory or time). Install {install} to use it.")
         if warn is None:
             warnings.warn(message, MissingKernelWarning, stacklevel=2)
         else:

@@ -150,8 +150,9 @@ def test_swift_arguments_fast_gpu():
     assert kw["lora_dropout"] == 0.05 and kw["dataloader_num_workers"] == 0
     assert kw["save_steps"] >= 10**9 and kw["split_dataset_ratio"] == 0  # no mid-run checkpoints or evaluation
     assert kw["include_num_input_tokens_seen"] == "non_padding"
-    assert "use_cpu" not in kw and "attn_impl" not in kw
-    assert kw["padding_free"] is True  # one row of the micro-batch's samples, on SDPA (persona.packing)
+    assert "use_cpu" not in kw
+    assert kw["padding_free"] is True  # one row of the micro-batch's samples (persona.packing)
+    assert kw["attn_impl"] == "torch_varlen"  # PyTorch's varlen flash kernel over that row (persona.packing)
     assert (kw["model_type"], kw["template"]) == ("qwen2", "qwen2_5")
 
 

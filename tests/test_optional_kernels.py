@@ -51,11 +51,12 @@ def base() -> BaseModel:
                      own_identity=(), weights_sha256="", parameters=0, bytes=0)
 
 
-def spec_says(installed: bool):
+def spec_says(installed: bool, only: set[str] | None = None):
+    """find_spec as if the optional modules (or `only` these) were all installed, or all missing."""
     real = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
-        if name in OPTIONAL_MODULES:
+        if name in (OPTIONAL_MODULES if only is None else only):
             return importlib.machinery.ModuleSpec(name, None) if installed else None
         return real(name, *args, **kwargs)
     return find_spec
@@ -109,7 +110,7 @@ def test_each_optional_package_is_importable_or_falls_back(name):
 
 
 def test_fast_recipe_without_liger_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=False))
+    monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=False, only={"liger_kernel"}))
     with pytest.warns(MissingKernelWarning) as caught:
         ran = available_recipe(FAST_GPU)
     ours = [w for w in caught if issubclass(w.category, MissingKernelWarning)]
@@ -165,14 +166,34 @@ def test_gpu_extra_installs_what_the_shipped_recipes_ask_for():
               if "==" in line}
     asked = {module for recipe in shipped_recipes().values()
              for _, module, _ in missing_packages(recipe, spec_says(installed=False)).values()}
-    assert asked == {"liger_kernel"}
-    assert asked <= names and asked <= pinned
+    assert asked == {"liger_kernel", "torch.nn.attention.varlen"}
+    assert "liger_kernel" in names and "liger_kernel" in pinned
+    # the varlen kernel comes with torch itself, from 2.10 on (the declared floor is older: it falls back to SDPA)
+    assert OPTIONAL_PACKAGES["attn_impl"]["torch_varlen"][1].startswith("PyTorch >= 2.10")
+
+
+def test_fast_recipe_on_an_older_torch_packs_on_sdpa():
+    def find_spec(name, *args, **kwargs):  # liger installed, a torch before 2.10
+        return None if name == "torch.nn.attention.varlen" else importlib.machinery.ModuleSpec(name, None)
+    lines = []
+    ran = available_recipe(FAST_GPU, warn=lines.append, find_spec=find_spec)
+    assert FAST_GPU.attn_impl == "torch_varlen"
+    assert len(lines) == 1 and "attn_impl='torch_varlen' needs" in lines[0] and "PyTorch >= 2.10" in lines[0]
+    assert (ran.attn_impl, ran.padding_free, ran.use_liger_kernel) == (None, True, True)
+    kw = swift_arguments(base(), "/d", ran, "cuda", "/o")
+    assert "attn_impl" not in kw and kw["padding_free"] is True  # the block-diagonal mask (persona.packing)
+
+
+def test_a_dotted_module_whose_parent_is_missing_counts_as_missing():
+    def find_spec(name):
+        raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+    assert set(missing_packages(FAST_GPU, find_spec)) == {"use_liger_kernel", "attn_impl"}
 
 
 def test_train_lora_falls_back_before_the_child_starts(tmp_path, monkeypatch):
     """The product's path: the job handed to the training child has no use_liger_kernel, the warning is given once
     (warnings and on_output), and the child would have been started anyway."""
-    monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=False))
+    monkeypatch.setattr(importlib.util, "find_spec", spec_says(installed=False, only={"liger_kernel"}))
     copy = tmp_path / "job.json"
 
     def fake_child(job_file, world_size=1, python=None):  # copies the job and exits without a result
