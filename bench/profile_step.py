@@ -6,6 +6,11 @@ For each variant: wall time per step (synchronized), the time the CPU needs to i
 final synchronize), and the peak allocated memory. Then a torch.profiler table for one step of the fast recipe.
 
     python bench/profile_step.py [--model-dir /tmp/q7] [--steps 8]
+
+`--workload mix`: seed 003's mix instead (issue #19): each step one padding-free row of 16 samples with the mix's
+lengths (log-normal, mean 166, std 103 tokens, clipped to 28-741, as bench/seed_mix.py), position_ids restarting
+per sample; variants SDPA with transformers' block-diagonal mask, `torch_varlen` (the fast recipe's), LoRA
+dropout 0, and Liger's RoPE/RMSNorm/SwiGLU; then the profile of one step of the fast recipe.
 """
 from __future__ import annotations
 
@@ -38,8 +43,31 @@ def make_batches(n: int, bs: int = 16, max_len: int = 94, vocab: int = 49152, se
     return out
 
 
+def packed_rows(n: int, bs: int = 16, vocab: int = 49152, seed: int = 0):
+    """n padding-free rows of bs samples with seed 003's mix lengths (see the module docstring)."""
+    import math
+    import random
+
+    import torch
+
+    rnd = random.Random(seed)
+    mean, std = 166.2, 102.9
+    sigma = math.sqrt(math.log(1 + (std / mean) ** 2))
+    mu = math.log(mean) - sigma ** 2 / 2
+    out = []
+    for _ in range(n):
+        lengths = [min(741, max(28, int(rnd.lognormvariate(mu, sigma)))) for _ in range(bs)]
+        ids = torch.randint(10, vocab, (1, sum(lengths)))
+        position_ids = torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0)
+        labels = ids.clone()
+        labels[position_ids < 30] = -100  # each sample's prompt
+        out.append({k: v.cuda() for k, v in dict(input_ids=ids, position_ids=position_ids, labels=labels).items()})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=["identity", "mix"], default="identity")
     ap.add_argument("--model-dir", default=DEFAULT_DIR)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step.json"))
@@ -51,6 +79,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     t = time.time()
+    if args.workload == "mix":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from persona import packing
+
+        packing.register_varlen()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map="cuda")
     model.config.use_cache = False
     cfg = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
@@ -60,7 +93,7 @@ def main() -> None:
     print(f"load + peft {time.time() - t:.1f} s", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    batches = make_batches(4)
+    batches = packed_rows(4) if args.workload == "mix" else make_batches(4)
 
     def set_dropout(p: float) -> None:
         for m in model.modules():
@@ -99,6 +132,7 @@ def main() -> None:
             wall.append(t2 - t0)
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         row = {"variant": label, "step_s": med(wall), "issue_s": med(issue),
+               "tokens_per_s": sum(int(b["input_ids"].numel()) for b in batches) / len(batches) / med(wall),
                "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30}
         print(json.dumps(row), flush=True)
         return row
@@ -117,6 +151,8 @@ def main() -> None:
                 return original_cast(self, x, dtype)
             BaseTunerLayer._cast_input_dtype = no_cast_under_autocast
 
+    if args.workload == "mix":
+        return profile_mix(args, model, set_gc, set_dropout, measure, step, batches)
     rows = []
     set_gc(True)
     rows.append(measure("hf+peft, GC, dropout 0.05"))
@@ -137,6 +173,11 @@ def main() -> None:
 
     # One profiled step of the fast recipe's configuration.
     set_gc(True)
+    write_profile(args, rows, step, batches)
+
+
+def write_profile(args, rows, step, batches) -> None:
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     step(batches[0])
@@ -155,6 +196,27 @@ def main() -> None:
     summary = {"rows": rows, "kernel_launches_per_step": launches, "device_busy_s_per_step": cuda_total}
     print(json.dumps(summary), flush=True)
     Path(args.out).write_text(json.dumps({**summary, "by_cpu": by_cpu, "by_cuda": by_cuda}, indent=1))
+
+
+def profile_mix(args, model, set_gc, set_dropout, measure, step, batches) -> None:
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    config = model.get_base_model().config
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), rope=False, rms_norm=False, swiglu=False)
+    set_gc(True)
+    rows = []
+    for impl in ("sdpa", "torch_varlen", "sdpa", "torch_varlen"):  # alternating: the spread shows
+        config._attn_implementation = impl
+        rows.append(measure(f"packed row, {impl}, GC, liger FLCE, dropout 0.05"))
+    set_dropout(0.0)
+    rows.append(measure("packed row, torch_varlen, GC, liger FLCE, dropout 0"))
+    set_dropout(0.05)
+    write_profile(args, rows, step, batches)  # the fast recipe as shipped
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=False)
+    rows.append(measure("packed row, torch_varlen, GC, liger all, dropout 0.05"))
+    Path(args.out).write_text(json.dumps({**json.loads(Path(args.out).read_text()), "rows": rows}, indent=1))
+    print(json.dumps(rows[-1]), flush=True)
 
 
 if __name__ == "__main__":
