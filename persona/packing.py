@@ -29,7 +29,8 @@ VARLEN = "torch_varlen"
 
 def packs_with_sdpa(args: dict) -> bool:
     """True when the ms-swift arguments ask for padding_free on an attention that transformers masks per sample from
-    the position_ids (no attn_impl or 'sdpa': a block-diagonal mask; 'flex_attention': a block mask; VARLEN: the boundaries)."""
+    the position_ids (no attn_impl or 'sdpa': a block-diagonal mask; 'flex_attention': a block mask; VARLEN: the
+    boundaries)."""
     return (bool(args.get("padding_free")) and not args.get("packing")
             and args.get("attn_impl") in (None, "sdpa", "flex_attention", VARLEN))
 
@@ -53,6 +54,8 @@ def sample_boundaries(position_ids) -> tuple:
     return cu, int(cu.diff().max())
 
 
+# Attention variants the varlen kernel does not compute (Gemma 2's logit soft-capping, gpt-oss's sinks): SDPA's path.
+_NOT_VARLEN = ("softcap", "s_aux")
 _last_row: list = [None, None]  # [position_ids, boundaries]: one row's boundaries serve all its layers
 
 
@@ -80,8 +83,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     dim). Returns (attention output (1, tokens, heads, dim), None), as transformers' SDPA function does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    packed_row = (module.training and on_kernel_device(query) and query.shape[0] == 1 and position_ids is not None
-                  and not dropout and sliding_window is None)
+    plain = not dropout and sliding_window is None and all(kwargs.get(k) is None for k in _NOT_VARLEN)
+    packed_row = (plain and module.training and on_kernel_device(query) and query.shape[0] == 1
+                  and position_ids is not None and position_ids.dim() == 2)  # (not multimodal 3-D positions)
     if not packed_row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, position_ids=position_ids, **kwargs)
