@@ -28,12 +28,13 @@ def both_layouts(tiny_model, tmp_path_factory):
     recipe = CPU_SMALL.with_overrides(num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1,
                                       lora_dropout=0.0, torch_dtype="float32")
     results, outputs = {}, {}
-    for padding_free in (False, True):
+    layouts = {False: {"padding_free": False}, True: {"padding_free": True},
+               "varlen": {"padding_free": True, "attn_impl": "torch_varlen"}}  # on a CPU: its SDPA path
+    for name, overrides in layouts.items():
         lines: list[str] = []
-        results[padding_free] = train_lora(from_local_dir(str(tiny_model)), data,
-                                           recipe.with_overrides(padding_free=padding_free),
-                                           work / f"adapter-{padding_free}", "cpu", on_output=lines.append)
-        outputs[padding_free] = "\n".join(lines)
+        results[name] = train_lora(from_local_dir(str(tiny_model)), data, recipe.with_overrides(**overrides),
+                                   work / f"adapter-{name}", "cpu", on_output=lines.append)
+        outputs[name] = "\n".join(lines)
     return results, outputs
 
 
@@ -48,6 +49,15 @@ def test_padding_free_trains_on_sdpa_with_the_same_losses(both_layouts):
     assert loss[True] == pytest.approx(loss[False], rel=1e-4)
     assert loss[True][-1] < loss[True][0]
     assert packed.num_tokens == padded.num_tokens  # the same real tokens, counted without padding
+
+
+def test_torch_varlen_is_accepted_by_ms_swift_and_trains_the_same(both_layouts):
+    """The training child registers `torch_varlen` before ms-swift loads the model; on a CPU the rows take SDPA's
+    path with transformers' mask, so the losses are the packed ones."""
+    results, outputs = both_layouts
+    assert "attn_impl: torch_varlen" in outputs["varlen"] and "padding_free=True" in outputs["varlen"]
+    loss = {k: [h["loss"] for h in r.log_history if "loss" in h] for k, r in results.items()}
+    assert loss["varlen"] == pytest.approx(loss[True], rel=1e-4)
 
 
 def test_the_step_clock_times_every_step(both_layouts):
