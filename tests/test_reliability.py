@@ -227,43 +227,64 @@ def test_data_paths_stay_inside_the_data_folder(trained, tiny_model, home, resou
     COUNTS["inputs rejected"] += 1
 
 
-def kill_worker_when_training(sig: int, stop: threading.Event) -> None:
+def kill_worker_when_training(signals: list[int], stop: threading.Event) -> None:
     """Wait for each ms-swift child process (the first attempt's and the retries'), let it start training, then
-    signal it (SIGKILL is what the OOM killer sends)."""
-    signalled = set()
-    while not stop.is_set():
+    send it the next of `signals` (SIGKILL is what the OOM killer sends, SIGSEGV a native crash)."""
+    signalled: list[int] = []
+    while not stop.is_set() and len(signalled) < len(signals):
         for child in psutil.Process().children(recursive=True):
             try:
                 if child.pid not in signalled and "persona.train_worker" in " ".join(child.cmdline()):
                     time.sleep(4)
-                    child.send_signal(sig)
-                    signalled.add(child.pid)
+                    child.send_signal(signals[len(signalled)])
+                    signalled.append(child.pid)
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.2)
 
 
+def attempt_failures(result) -> list[str]:
+    """The failure message of each attempt of the run's failed step, in order (the retried ones included)."""
+    out = []
+    for e in result.all_events:
+        if e.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_FAILURE"):
+            data = e.event_specific_data
+            user = getattr(data, "user_failure_data", None)
+            texts, error = [user.description if user and user.description else ""], getattr(data, "error", None)
+            while error is not None:  # a retry's error is the policy's; the Failure it retries is its cause
+                texts.append(error.message)
+                error = error.cause or error.context
+            out.append("\n".join(texts))
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL (OOM killer)", "SIGSEGV (native crash)"])
 def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources,
-                                                                           real_trainer, sig):
+                                                                           real_trainer):
+    """Each attempt's training child is killed mid-run: SIGKILL (the OOM killer), then SIGSEGV (a native crash) on
+    the first retry, then SIGKILL again on the last. One run, so the retries' delays are waited for once."""
     fake = resources
     resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
-    COUNTS["faults injected"] += 1
+    retries = TRAINER_RETRIES.max_retries  # a killed trainer is retried (tests/test_resume.py: the retry resumes)
+    signals = [signal.SIGKILL, signal.SIGSEGV, signal.SIGKILL][:1 + retries]
+    COUNTS["faults injected"] += len(signals)
     (home / "data" / "self_cognition.json").write_text(dump(GOOD + [{"instruction": "New?", "output": "Yes."}]))
     config = run_config(tiny_model)
     config["ops"]["lora_adapter"]["config"]["num_train_epochs"] = 50  # long enough to be killed mid-run
     stop = threading.Event()
-    killer = threading.Thread(target=kill_worker_when_training, args=(sig, stop), daemon=True)
+    killer = threading.Thread(target=kill_worker_when_training, args=(signals, stop), daemon=True)
     killer.start()
     try:
         result = materialize(ASSETS, resources=resources, run_config=config, raise_on_error=False)
     finally:
         stop.set()
     step, message = failed_step(result)
-    assert step == "lora_adapter" and f"killed by signal {int(sig)}" in message
-    retries = TRAINER_RETRIES.max_retries  # a killed trainer is retried (tests/test_resume.py: the retry resumes)
+    assert step == "lora_adapter" and f"killed by signal {int(signals[-1])}" in message
     assert [e.step_key for e in result.all_events if e.event_type_value == "STEP_RESTARTED"] == ["lora_adapter"] * retries
+    messages = attempt_failures(result)
+    assert len(messages) == len(signals)
+    for sig, text in zip(signals, messages):
+        assert f"killed by signal {int(sig)}" in text, (sig, text)
     after = snapshot(home, resources["mlflow_tracker"])
     new_runs = {k: v for k, v in after["runs"].items() if k not in trained["runs"]}
     assert list(new_runs.values()) == ["FAILED"] * (1 + retries)
@@ -272,7 +293,7 @@ def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(tra
     assert after["champion"] == trained["champion"] and after["partials"] == []
     again = materialize(ASSETS, resources=fake, run_config=run_config(tiny_model))
     assert again.success  # the next run starts clean (what it trains with does not matter here)
-    COUNTS["faults survived with nothing lost"] += 1
+    COUNTS["faults survived with nothing lost"] += len(signals)
 
 
 @pytest.mark.slow
