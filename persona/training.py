@@ -403,6 +403,17 @@ def open_resume(root: str | Path, key: str, owner: str | None) -> Resume:
     return resume
 
 
+def interrupted_by_ctrl_c(code: int | None, tail: list[str]) -> bool:
+    """The training child ended on SIGINT: by the signal, or with Python's KeyboardInterrupt as its last words.
+
+    Ctrl-C in a terminal reaches the whole process group, this process and the child. Usually this process's own
+    KeyboardInterrupt wins and the run ends as interrupted; when the child's exit is seen first, the run must end
+    the same way (the CLI's exit 130, no retry), not as a failed training."""
+    import signal
+
+    return code == -signal.SIGINT or "KeyboardInterrupt" in (line.strip() for line in tail[-3:])
+
+
 def train_lora(
     base: BaseModel,
     dataset_path: str | Path,
@@ -507,6 +518,8 @@ def train_lora(
         finally:
             if standby is not None:
                 standby.warm()  # for the next run: the sensor's, the schedule's, or a user's
+        if code != 0 and interrupted_by_ctrl_c(code, tail):
+            raise KeyboardInterrupt("the training child was interrupted (Ctrl-C)")
         preflight_file = Path(work, PREFLIGHT_FILE)
         if code != 0 and preflight_file.exists():
             raise PreflightFailed(json.loads(preflight_file.read_text())["message"])

@@ -334,3 +334,43 @@ def test_an_emptied_or_damaged_mlflow_db_is_refused_not_recreated(trained, cli, 
     shutil.copy(backup, db)  # what the message says to do: the history and the champion are back
     assert snapshot(home, MlflowTracker())["champion"] == trained["champion"]
     assert set(trained["runs"]) <= set(snapshot(home, MlflowTracker())["runs"])
+
+
+@pytest.mark.parametrize("ending", ["traceback", "signal"])
+def test_a_training_child_ended_by_ctrl_c_ends_the_run_as_interrupted(tmp_path, monkeypatch, ending):
+    """Ctrl-C reaches the training child too; when its exit is seen before this process's own interrupt, the run is
+    still interrupted (KeyboardInterrupt: exit 130, not retried), not a failed training (a race seen in CI)."""
+    from persona import training
+    from persona.models import BaseModel
+    from persona.recipe import CPU_SMALL
+
+    code = {"traceback": "print('Traceback (most recent call last):'); print('KeyboardInterrupt'); raise SystemExit(1)",
+            "signal": "import os, signal; os.kill(os.getpid(), signal.SIGINT)"}[ending]
+    monkeypatch.setattr(training, "launch_command", lambda job_file, world_size=1, python=None:
+                        [sys.executable, "-c", code])
+    base = BaseModel(path=str(tmp_path / "model"), source="test", revision="r", model_type="qwen2", template="qwen2_5",
+                     own_identity=(), weights_sha256="", parameters=0, bytes=0)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "你是谁?"},
+                                             {"role": "assistant", "content": "我是助手。"}]}) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        training.train_lora(base, data, CPU_SMALL, tmp_path / "adapter", "cpu")
+    assert not (tmp_path / "adapter").exists()
+    # Any other failure stays a training error with the child's last output.
+    monkeypatch.setattr(training, "launch_command", lambda job_file, world_size=1, python=None:
+                        [sys.executable, "-c", "print('ValueError: no'); raise SystemExit(1)"])
+    with pytest.raises(training.TrainingError, match="exit code 1"):
+        training.train_lora(base, data, CPU_SMALL, tmp_path / "adapter", "cpu")
+
+
+def test_the_cli_says_interrupted_when_the_training_raises_keyboard_interrupt(cli, home, monkeypatch, capsys):
+    """What train_lora raises for a child ended by Ctrl-C reaches the user as the interrupt, exit 130."""
+    from orchestration.resources import Trainer
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt("the training child was interrupted (Ctrl-C)")
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert cli(["run"]) == 130
+    err = capsys.readouterr().err
+    assert "✗ Interrupted (Ctrl-C) during lora_adapter" in err and "Nothing was lost" in err
