@@ -45,13 +45,12 @@ def sft_arguments(cls, args: dict):
 
 
 def sample_boundaries(position_ids) -> tuple:
-    """(cu_seqlens int32, longest sample) of one packed row whose position_ids restart at 0 for each sample."""
-    import torch
+    """(cu_seqlens int32, longest sample) of one packed row whose position_ids restart for each sample: what
+    transformers computes for its own flash-attention path."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).reshape(-1).to(torch.int32)
-    cu = torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
-    return cu, int(cu.diff().max())
+    (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return cu, int(longest)
 
 
 # Attention variants the varlen kernel does not compute (Gemma 2's logit soft-capping, gpt-oss's sinks): SDPA's path.
