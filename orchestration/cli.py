@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     link_instance_config(os.environ["DAGSTER_HOME"])  # so `dagster dev` on this home runs one training at a time
     from orchestration.definitions import defs
     from orchestration.instance import open_instance
-    from orchestration.plain_errors import plain_job, quiet_log_mirrors, run_failure
+    from orchestration.plain_errors import plain_job, quiet_interrupted_closes, quiet_log_mirrors, run_failure
     from orchestration.resources import Workspace
 
     # persona.yaml, then the flags given on top (an absent flag leaves persona.yaml's value, or the default).
@@ -35,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.debug:  # one plain line per error in the log instead of stack traces; Ctrl-C reaches persona only
         job, run_config = plain_job(job, run_config)
         quiet_log_mirrors()
+        quiet_interrupted_closes()
     started = time.time()
     result = job.execute_in_process(run_config=run_config, instance=open_instance(), raise_on_error=False, tags=tags)
     took = time.time() - started

@@ -8,6 +8,7 @@ executing op "X":`, unless `persona --debug` (or PERSONA_DEBUG=1) asks for the t
   that line.
 - `quiet_log_mirrors()`: Dagster's compute-log mirrors (`tail` and a watcher script) out of reach of the terminal's
   Ctrl-C, which persona handles: the watcher would print a KeyboardInterrupt traceback of its own.
+- `quiet_interrupted_closes()`: no SQLAlchemy pool traceback when Ctrl-C lands while a database connection closes.
 - `run_failure(result, seconds)`: what `persona run` prints when its run fails, with the exit status (130 when it
   was interrupted).
 - `call(func, command, debug)`: run a CLI command; an exception becomes one line on stderr and exit status 1.
@@ -233,3 +234,33 @@ def quiet_log_mirrors() -> None:
 
     if getattr(compute_logs, "subprocess", None) is subprocess:
         compute_logs.subprocess = _OwnGroupSubprocess()
+
+
+class _NoInterruptedCloses:
+    """Drops the record a SQLAlchemy pool logs, traceback included, when an interrupt is raised inside a connection's
+    close: Dagster's SIGINT handler raises DagsterExecutionInterruptedError wherever the main thread is, a
+    connection's close among the places (seen in CI), and the pool logs it as an error before re-raising it. The
+    interrupt itself still stops the run, and persona reports it in one line."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__name__ in INTERRUPTS)
+
+
+def quiet_interrupted_closes() -> None:
+    """Install _NoInterruptedCloses on the loggers of SQLAlchemy's pool classes (Dagster's and MLflow's SQLite
+    stores; a pool logs on the logger named after its class)."""
+    import logging
+
+    from sqlalchemy.pool import Pool
+
+    classes, seen = [Pool], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        log = logging.getLogger(getattr(cls, "_sqla_logger_namespace", None) or f"{cls.__module__}.{cls.__name__}")
+        if not any(isinstance(f, _NoInterruptedCloses) for f in log.filters):
+            log.addFilter(_NoInterruptedCloses())

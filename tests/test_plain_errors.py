@@ -374,3 +374,43 @@ def test_the_cli_says_interrupted_when_the_training_raises_keyboard_interrupt(cl
     assert cli(["run"]) == 130
     err = capsys.readouterr().err
     assert "✗ Interrupted (Ctrl-C) during lora_adapter" in err and "Nothing was lost" in err
+
+
+@pytest.mark.parametrize("raised, logged", [("interrupt", False), ("error", True)])
+def test_an_interrupt_inside_a_connection_close_prints_no_pool_traceback(raised, logged, caplog):
+    """Ctrl-C can land while SQLAlchemy closes a connection (seen in CI): Dagster's handler raises its interrupt
+    there, and the pool would log it with a traceback. `persona run` drops that record and nothing else."""
+    import logging
+    import sqlite3
+
+    from dagster._core.errors import DagsterExecutionInterruptedError
+    from sqlalchemy.pool import NullPool
+
+    from orchestration.plain_errors import quiet_interrupted_closes
+
+    exc = DagsterExecutionInterruptedError() if raised == "interrupt" else OSError("disk I/O error")
+
+    class Connection:  # a DBAPI connection whose close is where the signal lands
+        def __init__(self):
+            self.inner = sqlite3.connect(":memory:")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def close(self):
+            self.inner.close()
+            raise exc
+
+    quiet_interrupted_closes()
+    quiet_interrupted_closes()  # (twice: one filter)
+    pool = NullPool(Connection)
+    caplog.set_level("ERROR", logger="sqlalchemy.pool")
+    connection = pool.connect()
+    if raised == "interrupt":
+        with pytest.raises(DagsterExecutionInterruptedError):  # the interrupt still stops what it interrupted
+            connection.close()
+    else:
+        connection.close()  # a plain error while closing is logged and swallowed, as SQLAlchemy does
+    records = [r for r in caplog.records if "closing connection" in r.getMessage()]
+    assert bool(records) is logged
+    assert len(logging.getLogger("sqlalchemy.pool.impl.NullPool").filters) == 1
