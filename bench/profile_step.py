@@ -11,6 +11,9 @@ final synchronize), and the peak allocated memory. Then a torch.profiler table f
 lengths (log-normal, mean 166, std 103 tokens, clipped to 28-741, as bench/seed_mix.py), position_ids restarting
 per sample; variants SDPA with transformers' block-diagonal mask, `torch_varlen` (the fast recipe's), LoRA
 dropout 0, and Liger's RoPE/RMSNorm/SwiGLU; then the profile of one step of the fast recipe.
+
+`--workload mix --ab-rounds N`: only an interleaved A/B of PEFT's float32 copy of each LoRA layer's input against
+none (persona.adapter_casts, the fast recipe's `lora_input_cast: false`), N rounds of --steps steps each way.
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=["identity", "mix"], default="identity")
     ap.add_argument("--model-dir", default=DEFAULT_DIR)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ab-rounds", type=int, default=0,
+                    help="only an interleaved A/B of LoRA's float32 input copy (PEFT's default) against none "
+                         "(persona.adapter_casts): this many rounds of --steps steps each way, in alternating order")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step.json"))
     args = ap.parse_args()
     ensure_model(args.model_dir)
@@ -139,18 +145,15 @@ def main() -> None:
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    original_cast = BaseTunerLayer._cast_input_dtype
+    def set_input_cast(on: bool) -> None:  # off: as persona.adapter_casts sets it (fast recipe, lora_input_cast)
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = on
 
-    def set_input_cast(on: bool) -> None:
-        if on:
-            BaseTunerLayer._cast_input_dtype = original_cast
-        else:
-            def no_cast_under_autocast(self, x, dtype):
-                if x is not None and torch.is_autocast_enabled(x.device.type):
-                    return x
-                return original_cast(self, x, dtype)
-            BaseTunerLayer._cast_input_dtype = no_cast_under_autocast
-
+    if args.ab_rounds:
+        if args.workload != "mix":
+            raise SystemExit("--ab-rounds runs on --workload mix")
+        return ab_input_cast(args, model, set_gc, set_input_cast, step, batches)
     if args.workload == "mix":
         return profile_mix(args, model, set_gc, set_dropout, measure, step, batches)
     rows = []
@@ -196,6 +199,48 @@ def write_profile(args, rows, step, batches) -> None:
     summary = {"rows": rows, "kernel_launches_per_step": launches, "device_busy_s_per_step": cuda_total}
     print(json.dumps(summary), flush=True)
     Path(args.out).write_text(json.dumps({**summary, "by_cpu": by_cpu, "by_cuda": by_cuda}, indent=1))
+
+
+def ab_input_cast(args, model, set_gc, set_input_cast, step, batches) -> None:
+    """Rounds of --steps steps with the copy, then without (the order alternating by round), each step timed on
+    its own; the same rows in both arms, so a round's two medians are a pair. Drift of the host (the step is bound by
+    the CPU issuing kernels) moves both arms of a round alike."""
+    import statistics
+
+    import torch
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), rope=False, rms_norm=False, swiglu=False)
+    model.get_base_model().config._attn_implementation = "torch_varlen"  # the fast recipe's (persona.packing)
+    set_gc(True)
+    for i in range(4):  # warm-up, both ways
+        set_input_cast(i % 2 == 0)
+        step(batches[i % len(batches)]).item()
+    times = {True: [], False: []}
+    ratios = []
+    for r in range(args.ab_rounds):
+        medians = {}
+        for cast in ((True, False) if r % 2 == 0 else (False, True)):
+            set_input_cast(cast)
+            step(batches[0]).item()  # (the first step after a switch is not timed)
+            arm = []
+            for i in range(args.steps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(batches[i % len(batches)]).item()
+                arm.append(time.perf_counter() - t0)
+            times[cast] += arm
+            medians[cast] = statistics.median(arm)
+        ratios.append(medians[False] / medians[True])
+        print(f"round {r + 1}: with the copy {medians[True]:.4f} s, without {medians[False]:.4f} s, "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    summary = {"rounds": args.ab_rounds, "steps_per_arm": args.steps,
+               "median_step_s_with_copy": statistics.median(times[True]),
+               "median_step_s_without_copy": statistics.median(times[False]),
+               "round_ratios_without_over_with": ratios, "median_ratio": statistics.median(ratios),
+               "rounds_faster_without": sum(x < 1 for x in ratios)}
+    print(json.dumps(summary), flush=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1))
 
 
 def profile_mix(args, model, set_gc, set_dropout, measure, step, batches) -> None:
