@@ -13,8 +13,7 @@ per sample; variants SDPA with transformers' block-diagonal mask, `torch_varlen`
 dropout 0, and Liger's RoPE/RMSNorm/SwiGLU; then the profile of one step of the fast recipe.
 
 `--workload mix --ab-rounds N`: only an interleaved A/B of PEFT's float32 copy of each LoRA layer's input against
-none (PEFT's `cast_input_dtype_enabled` off, as branch wip/lora-input-cast's `lora_input_cast: false` sets it),
-N rounds of --steps steps each way.
+none (persona.adapter_casts, the fast recipe's `lora_input_cast: false`), N rounds of --steps steps each way.
 """
 from __future__ import annotations
 
@@ -76,8 +75,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ab-rounds", type=int, default=0,
                     help="only an interleaved A/B of LoRA's float32 input copy (PEFT's default) against none "
-                         "(PEFT's cast_input_dtype_enabled): this many rounds of --steps steps each way, "
-                         "in alternating order")
+                         "(persona.adapter_casts): this many rounds of --steps steps each way, in alternating order")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "profile_step.json"))
     args = ap.parse_args()
     ensure_model(args.model_dir)
@@ -147,7 +145,7 @@ def main() -> None:
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    def set_input_cast(on: bool) -> None:  # PEFT's own switch (what peft.helpers.disable_input_dtype_casting sets)
+    def set_input_cast(on: bool) -> None:  # off: as persona.adapter_casts sets it (fast recipe, lora_input_cast)
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):
                 m.cast_input_dtype_enabled = on

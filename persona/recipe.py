@@ -40,6 +40,7 @@ class Recipe:
     use_logits_to_keep: bool | None = None   # None: ms-swift decides (on for models that support it)
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
+    lora_input_cast: bool = True             # False: under bf16 autocast, no float32 copy of LoRA's input (adapter_casts)
     # Replay rows (the base model's own answers to general prompts): 0 learns them as plain targets; > 0 trains them
     # to keep the base model's next-token distribution instead, KL(base || adapter) x this weight (persona.distill).
     # CPU_DEFAULT uses 2 (it kept 148 of the 0.5B model's 156 right general answers where plain targets kept 140);
@@ -125,6 +126,7 @@ FAST_GPU = replace(
     cudnn_attention=False,
     padding_free=True,
     attn_impl="torch_varlen",
+    lora_input_cast=False,
 )
 
 # CPU recipes follow the model's size. The rule: LoRA's learning rate falls as the model grows, and a small,

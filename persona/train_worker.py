@@ -141,10 +141,12 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
 
     # ms-swift's loader defaults to trust_remote_code=True; persona never runs code shipped with weights.
     ModelLoader.default_trust_remote_code = False
-    from persona import checkpointing, packing, step_clock
+    from persona import adapter_casts, checkpointing, packing, step_clock
 
     if checkpointing.CALLBACK in args.get("callbacks", []):
         checkpointing.register()  # (the clock that decides when a resumable training saves)
+    if adapter_casts.CALLBACK in args.get("callbacks", []):
+        adapter_casts.register()
     step_clock.register()
     if args.get("attn_impl") == packing.VARLEN:
         packing.register_varlen()

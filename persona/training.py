@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
+from persona import adapter_casts
 from persona.checkpointing import CALLBACK as CHECKPOINT_CALLBACK
 from persona.models import BaseModel
 from persona.preflight import PreflightError
@@ -207,6 +208,8 @@ def swift_arguments(base: BaseModel, dataset_path: str, recipe: Recipe, device: 
         kw["padding_free"] = True
     if recipe.use_logits_to_keep is not None:
         kw["use_logits_to_keep"] = recipe.use_logits_to_keep
+    if not recipe.lora_input_cast:
+        kw["callbacks"] = [*kw.get("callbacks", []), adapter_casts.CALLBACK]
     if base.model_type:
         kw["model_type"] = base.model_type
     if base.template:
