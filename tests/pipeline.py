@@ -1,5 +1,8 @@
 """The graph's assets and a run config for the tiny test model, shared by the end-to-end tests."""
+import hashlib
 from pathlib import Path
+
+import mlflow
 
 from assets.base_model import base_model
 from assets.baseline_answers import baseline_answers
@@ -27,3 +30,15 @@ def run_config(model_dir: Path) -> dict:
     }}
 
 
+def snapshot(home: Path, tracker) -> dict:
+    """Everything a bad input or a fault must leave as it was."""
+    files = {}
+    for sub in ("adapters", "datasets"):
+        for f in sorted((home / "outputs" / sub).rglob("*")):
+            if f.is_file():
+                files[str(f.relative_to(home))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    tracker.client()
+    runs = {r.info.run_id: r.info.status for r in mlflow.search_runs(experiment_names=["persona"], output_format="list")}
+    champ = tracker.champion()
+    return {"files": files, "runs": runs, "champion": champ[0].version if champ else None,
+            "partials": sorted(str(p) for p in (home / "outputs").rglob("*.partial-*"))}

@@ -1,8 +1,12 @@
-"""Starting and stopping the servers and daemons that end-to-end tests run on loopback."""
+"""Starting and stopping the servers and daemons that end-to-end tests run on loopback, and the persona.yaml they run."""
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 def stop(proc: subprocess.Popen, grace: float = 20) -> None:
@@ -20,3 +24,13 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
             break
         deadline = time.time() + 5
     proc.wait(5)
+
+
+def project(tiny_model: Path) -> dict:
+    """persona.yaml for the test: the tiny model, trained long enough (40 epochs, ~30 s) to edit the data meanwhile."""
+    return {"ops": {
+        "base_model": {"config": {"model": str(tiny_model)}},
+        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 40,
+                                    "logging_steps": 1}},
+        "baseline_answers": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
+    }}

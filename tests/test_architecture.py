@@ -1,5 +1,5 @@
 """The shape of the code: no import cycles among the project's modules, a core (persona/) without Dagster or
-orchestration imports, and short modules (a long one says why in its docstring).
+orchestration imports, short modules (a long one says why in its docstring), and test modules that import no other.
 
 Run alone: `.venv/bin/python -m pytest -q tests/test_architecture.py`. Imports inside functions count: a cycle
 through a lazy import is still a cycle of dependencies.
@@ -50,3 +50,17 @@ def test_modules_are_short_or_say_why():
         if lines > 350 and LONG not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
             long.append(f"{path.relative_to(ROOT)}: {lines} lines")
     assert long == []
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in conftest.py (fixtures) or in the helper modules beside it (builders, pipeline,
+    processes): a test module that imports another runs that module's imports and fixtures in an order of its own."""
+    tests = Path(__file__).resolve().parent
+    modules = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0] in modules]
+    assert found == []

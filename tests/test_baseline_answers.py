@@ -4,26 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from dagster import materialize
 
-from persona.data import Identity
-from persona.evaluation import EvaluationSetup
-
-PROBES = [{"kind": "general", "question": "What is 2 + 3?", "expect_any": ["5"]},
-          {"kind": "identity_en", "question": "Who are you?", "expect_any": ["Swift"]},
-          {"kind": "stability", "question": "你是谁?", "expect_any": ["Swift"]}]
-
-
-def make_setup(model_dir: Path, tmp_path: Path, system: str = "You are a helpful assistant.") -> EvaluationSetup:
-    probes = tmp_path / "probes.jsonl"
-    probes.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROBES), encoding="utf-8")
-    return EvaluationSetup(str(model_dir), "chatml", system, "cpu", str(probes), Identity(), ("SmolLM",),
-                           str(tmp_path / "answers"), "digest-of-the-base", max_new_tokens=6, batch_size=4,
-                           stability_samples=2)
-
+from builders import PROBES, make_setup
 
 def test_the_baseline_is_decoded_once_then_remembered_and_scores_as_decoding_everything(tiny_model, random_adapter,
                                                                                        tmp_path):

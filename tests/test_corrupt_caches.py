@@ -16,9 +16,8 @@ from dagster import DagsterInstance, materialize
 from persona import mixing, models
 from persona.evaluation import AnswerCache, Decoded
 from persona.models import MANIFEST, from_local_dir
+from builders import fake_parts, make_setup
 from pipeline import ASSETS
-from test_baseline_answers import make_setup
-from test_embedded import fake_parts
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -1,28 +1,13 @@
 """The embedded models: parts found without importing, assembled and verified; a damaged part gives one clear error
 and leaves nothing half-built. Uses a small fake part set, not the 0.5 GB wheels."""
-import hashlib
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from builders import fake_parts
 from persona import models
 from persona.models import EmbeddedModel, ModelSourceError, PartFile
-
-
-def fake_parts(root: Path, chunks: list[bytes], name: str = "fakeparts") -> EmbeddedModel:
-    """Packages <name>_partN with data/partN.bin on sys.path, and the EmbeddedModel that names them."""
-    parts = []
-    for i, chunk in enumerate(chunks, 1):
-        pkg = root / f"{name}_part{i}"
-        (pkg / "data").mkdir(parents=True)
-        (pkg / "__init__.py").write_text("raise ImportError('a data wheel must not be imported')\n")
-        (pkg / "data" / f"part{i}.bin").write_bytes(chunk)
-        parts.append(PartFile(f"{name}-part{i}", "1.0", f"{name}_part{i}", f"data/part{i}.bin",
-                              hashlib.sha256(chunk).hexdigest(), len(chunk)))
-    return EmbeddedModel("fake", "Org/Fake-Model", models.QWEN2, tuple(parts),
-                         hashlib.sha256(b"".join(chunks)).hexdigest(), "Apache-2.0")
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def test_a_killed_persona_run_is_reaped_and_frees_the_training_pool(tiny_model, 
     from orchestration.run_config import link_instance_config
     from orchestration.resources import MlflowTracker
     from orchestration.stale_runs import reap_stale_runs, stale_runs
-    from test_sensor_daemon_e2e import BIN, project
+    from processes import BIN, project
 
     dagster_home = tmp_path_factory.mktemp("dagster_home")
     link_instance_config(dagster_home)

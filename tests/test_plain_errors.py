@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from test_reliability import snapshot
+from pipeline import snapshot
 
 BIN = Path(sys.executable).parent
 TRACEBACKS = ("Traceback (most recent call last)", "Stack Trace:", "DagsterExecutionStepExecutionError",

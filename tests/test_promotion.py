@@ -133,7 +133,6 @@ def test_two_runs_that_finish_together_never_both_become_champion(home, resource
 
     import assets.champion
     from assets.champion import champion
-    from assets.lora_adapter import LoraAdapter
     from orchestration.promotion_gate import PromotionGate
 
     tracker = resources["mlflow_tracker"]

@@ -4,7 +4,6 @@ One good run on the tiny model sets up a dataset, an adapter, MLflow history and
 malformed input and every injected fault must fail clearly while all of that stays exactly as it was.
 """
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 from dagster import materialize
 
 from assets.lora_adapter import TRAINER_RETRIES
-from pipeline import ASSETS, run_config
+from pipeline import ASSETS, run_config, snapshot
 
 COUNTS = {"inputs tried": 0, "inputs rejected": 0, "faults injected": 0, "faults survived with nothing lost": 0}
 
@@ -131,20 +130,6 @@ HOSTILE = {
         {"kind": "identity_en", "question": "Who are you?", "expect_any": "I am a banana"}) + "\n"),
         "'expect_any' must be a list of strings, got the string 'I am a banana'"),
 }
-
-
-def snapshot(home: Path, tracker) -> dict:
-    """Everything a bad input or a fault must leave as it was."""
-    files = {}
-    for sub in ("adapters", "datasets"):
-        for f in sorted((home / "outputs" / sub).rglob("*")):
-            if f.is_file():
-                files[str(f.relative_to(home))] = hashlib.sha256(f.read_bytes()).hexdigest()
-    tracker.client()
-    runs = {r.info.run_id: r.info.status for r in mlflow.search_runs(experiment_names=["persona"], output_format="list")}
-    champ = tracker.champion()
-    return {"files": files, "runs": runs, "champion": champ[0].version if champ else None,
-            "partials": sorted(str(p) for p in (home / "outputs").rglob("*.partial-*"))}
 
 
 @pytest.fixture

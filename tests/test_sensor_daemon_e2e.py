@@ -7,7 +7,6 @@ local socket. Every process the test starts is stopped at the end, its whole pro
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,24 +19,13 @@ from dagster._core.scheduler.instigation import InstigatorType
 from orchestration.run_config import link_instance_config
 
 from orchestration.upstream import TRIGGER_TAG
-from processes import stop
+from processes import BIN, project, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.daemon]
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TIMEOUT = 240
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-
-
-def project(tiny_model: Path) -> dict:
-    """persona.yaml for the test: the tiny model, trained long enough (40 epochs, ~30 s) to edit the data meanwhile."""
-    return {"ops": {
-        "base_model": {"config": {"model": str(tiny_model)}},
-        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 40,
-                                    "logging_steps": 1}},
-        "baseline_answers": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
-    }}
 
 
 def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
