@@ -11,7 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("PERSONA_CPU_DTYPE", "float32")
 # `make test` runs the tests in parallel (pytest-xdist, -n): each worker, and the training children it starts, takes
 # its share of the cores. PyTorch would otherwise give every process all of them, and the workers' threads would
-# spin against each other (measured on 2 cores: 140 % CPU either way, twice the CPU time without this).
+# spin against each other (measured on 2 cores, -n 2: 621 s of CPU without this, 433 s with it; BENCHMARKS.md).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
