@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from persona.data import Identity
-from persona.inference import Chat, default_batch_size
+from persona.inference import Chat, decoding_settings, default_batch_size
 from persona.integrity import content_sha256
 from persona.probes import Probe, identity_system_prompt, load_probes, showcase_probes
 from persona.scoring import STABILITY_TEMPERATURE, Scores, score
@@ -201,14 +201,6 @@ class EvaluationSetup:
     def _decoding(self, on_batch: Callable[[int, int], None] | None = None) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, batch_size=self.batch, on_batch=on_batch)
 
-    def dtype(self) -> str:
-        """The dtype `load` decodes in (persona.inference.Chat)."""
-        if self.device != "cpu":
-            return "bfloat16"
-        from persona.recipe import cpu_dtype
-
-        return cpu_dtype()[0]
-
     def baseline(self, load: Callable[[], Chat], log: Callable[[str], None] | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> dict[str, Decoded]:
         """The base and prompt-only answers: remembered ones where the cache has them, else decoded (on the model
@@ -221,7 +213,7 @@ class EvaluationSetup:
                     "temperature": STABILITY_TEMPERATURE, "seed": 0}
         template = chat_tokenizer(self.model_dir, self.template).chat_template
         todo = {n: c for n, c in contenders(self.identity_prompt(), False).items() if n in BASELINE}
-        keys = {n: cache.key([self.device, self.dtype(), template, c.system or self.system,
+        keys = {n: cache.key([*decoding_settings(self.device), template, c.system or self.system,
                               [[p.kind, p.question, list(p.history)] for p in c.probes(probes)],
                               sorted(settings.items())]) for n, c in todo.items()}
         out: dict[str, Decoded] = {}

@@ -21,12 +21,7 @@ class Chat:
         self.tok = chat_tokenizer(model_dir, template, padding_side="left")
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        if device == "cpu":
-            from persona.recipe import cpu_dtype
-
-            dtype = getattr(torch, cpu_dtype()[0])  # bf16 where the CPU has bf16 matrix instructions
-        else:
-            dtype = torch.bfloat16
+        dtype = getattr(torch, decoding_dtype(device))
         if device != "cpu":
             # Decoding issues a few kernels per layer per token: PyTorch's cuDNN attention backend spends ~1 ms of
             # CPU per call, the flash / memory-efficient ones a few microseconds (same maths).
@@ -157,6 +152,21 @@ def row_temperature(temps: list[float], device: str):
             return out.masked_fill(greedy[:, None] & ~best, float("-inf"))
 
     return _RowTemperature()
+
+
+def decoding_dtype(device: str) -> str:
+    """The dtype answers are decoded in: on a CPU bf16 where it has bf16 matrix instructions (recipe.cpu_dtype)."""
+    if device != "cpu":
+        return "bfloat16"
+    from persona.recipe import cpu_dtype
+
+    return cpu_dtype()[0]
+
+
+def decoding_settings(device: str) -> list:
+    """What, besides the weights, prompts and generation arguments, decides a greedy answer on `device`: for the keys
+    of remembered answers (evaluation.AnswerCache, mixing.replay_cache_file)."""
+    return [device, decoding_dtype(device)]
 
 
 def default_batch_size(device: str) -> int:

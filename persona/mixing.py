@@ -75,10 +75,11 @@ REPLAY_BATCH_SIZE = 128
 
 
 def replay_cache_file(cache_dir: Path, base: BaseModel, prompts: list[str], system: str, max_new_tokens: int,
-                      batch_size: int) -> Path:
+                      batch_size: int, decoding: list) -> Path:
     """Where the replay answers for these settings are kept. The batch size is in the key: in bf16, the padding of
-    a batch can change a greedy answer."""
-    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens, batch_size]).encode())
+    a batch can change a greedy answer; so are the device, dtype and attention (`decoding`,
+    persona.inference.decoding_settings)."""
+    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens, batch_size, decoding]).encode())
     return Path(cache_dir) / f"replay-{key.hexdigest()[:16]}.jsonl"
 
 
@@ -127,7 +128,11 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
                    max_new_tokens: int = 96, batch_size: int = REPLAY_BATCH_SIZE, log=print) -> list[Sample]:
     """The base model's own greedy answers to `prompts`, as training samples (cached). `device`: where to decode
     them on a cache miss (default: the GPU if there is one)."""
-    cache = replay_cache_file(cache_dir, base, prompts, system, max_new_tokens, batch_size)
+    from persona.inference import decoding_settings
+    from persona.recipe import detect_device
+
+    device = device or detect_device()
+    cache = replay_cache_file(cache_dir, base, prompts, system, max_new_tokens, batch_size, decoding_settings(device))
     rows = None
     if cache.exists():
         rows, problem = read_replay_cache(cache, prompts)
@@ -140,10 +145,8 @@ def replay_samples(base: BaseModel, prompts: list[str], cache_dir: Path, system:
     if rows is None:
         from persona.inference import Chat
 
-        from persona.recipe import detect_device
-
         log(f"replay: the base model answers {len(prompts)} general prompts (cached afterwards)")
-        chat = Chat(base.path, None, base.template, system, device or detect_device())
+        chat = Chat(base.path, None, base.template, system, device)
         answers = chat.answer([(p, ()) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_batch=lambda done, total: log(f"replay: {done}/{total}"))
         rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]

@@ -15,9 +15,12 @@ from dagster import DagsterInstance, materialize
 
 from persona import mixing, models
 from persona.evaluation import AnswerCache, Decoded
+from persona.inference import decoding_settings
 from persona.models import MANIFEST, from_local_dir
 from builders import fake_parts, make_setup
 from pipeline import ASSETS
+
+CPU = decoding_settings("cpu")
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:
@@ -180,7 +183,7 @@ def test_a_truncated_replay_cache_is_discarded_and_answered_again(tiny_model, tm
     prompts = ["Name a word that rhymes with cat.", "Name a word that rhymes with sun.", "Name a word that rhymes with day."]
     lines = []
     first = mixing.replay_samples(base, prompts, tmp_path, "s", "cpu", max_new_tokens=4, log=lines.append)
-    cache = mixing.replay_cache_file(tmp_path, base, prompts, "s", 4, mixing.REPLAY_BATCH_SIZE)
+    cache = mixing.replay_cache_file(tmp_path, base, prompts, "s", 4, mixing.REPLAY_BATCH_SIZE, CPU)
     whole = cache.read_text(encoding="utf-8")
     rows = whole.partition("\n")[2]  # without the first line: a file written before the record
     for damaged, problem in [(whole[: len(whole) - 10], "its rows do not match the sha256 on its first line"),
@@ -199,7 +202,7 @@ def test_a_truncated_replay_cache_is_discarded_and_answered_again(tiny_model, tm
 
 def test_a_replay_cache_from_before_the_record_is_still_used(tiny_model, tmp_path):
     base = from_local_dir(str(tiny_model))
-    cache = mixing.replay_cache_file(tmp_path, base, ["hi", "2+2?"], "s", 8, mixing.REPLAY_BATCH_SIZE)
+    cache = mixing.replay_cache_file(tmp_path, base, ["hi", "2+2?"], "s", 8, mixing.REPLAY_BATCH_SIZE, CPU)
     cache.write_text('{"prompt": "hi", "answer": "hello"}\n{"prompt": "2+2?", "answer": "4"}\n')
     lines = []
     samples = mixing.replay_samples(base, ["hi", "2+2?"], tmp_path, "s", "cpu", max_new_tokens=8, log=lines.append)

@@ -5,7 +5,10 @@ import pytest
 
 from persona import mixing
 from persona.data import EXTRA_PREFIX
+from persona.inference import decoding_settings
 from persona.models import from_local_dir
+
+CPU = decoding_settings("cpu")
 
 
 def test_replay_answers_come_from_the_base_model_and_are_cached(tiny_model, tmp_path, monkeypatch):
@@ -25,7 +28,7 @@ def test_replay_drops_answers_that_name_the_base_model(tmp_path, tiny_model):
     base = from_local_dir(str(tiny_model))
     base = base.__class__(**{**base.__dict__, "own_identity": ("SmolLM",)})
     key_rows = [{"prompt": "hi", "answer": "I am SmolLM."}, {"prompt": "2+2?", "answer": "4"}]
-    cache = mixing.replay_cache_file(tmp_path, base, ["hi", "2+2?"], "s", 8, mixing.REPLAY_BATCH_SIZE)
+    cache = mixing.replay_cache_file(tmp_path, base, ["hi", "2+2?"], "s", 8, mixing.REPLAY_BATCH_SIZE, CPU)
     cache.write_text("".join(json.dumps(r) + "\n" for r in key_rows))
     samples = mixing.replay_samples(base, ["hi", "2+2?"], tmp_path, "s", "cpu", max_new_tokens=8)
     assert [s.answer for s in samples] == ["4"]
@@ -76,10 +79,13 @@ def test_replay_prompts_follow_the_identity_data_languages():
 
 def test_replay_cache_is_keyed_by_what_changes_the_answers(tmp_path, tiny_model):
     base = from_local_dir(str(tiny_model))
-    files = {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", 48, bs) for bs in (16, 128)}
-    files |= {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", n, 16) for n in (48, 96)}
-    files |= {mixing.replay_cache_file(tmp_path, base, p, "s", 48, 16) for p in (["hi"], ["hi", "2+2?"])}
+    files = {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", 48, bs, CPU) for bs in (16, 128)}
+    files |= {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", n, 16, CPU) for n in (48, 96)}
+    files |= {mixing.replay_cache_file(tmp_path, base, p, "s", 48, 16, CPU) for p in (["hi"], ["hi", "2+2?"])}
     assert len(files) == 4  # batch size, length limit and prompts each give their own file
+    files = {mixing.replay_cache_file(tmp_path, base, ["hi"], "s", 48, 16, d)
+             for d in (["cpu", "bfloat16"], ["cpu", "float32"], ["cuda", "bfloat16"])}
+    assert len(files) == 3  # so do the device and the dtype (persona.inference.decoding_settings)
 
 
 def test_hub_counts_are_written_as_ms_swift_writes_them(monkeypatch):
