@@ -77,9 +77,10 @@ REPLAY_BATCH_SIZE = 128
 def replay_cache_file(cache_dir: Path, base: BaseModel, prompts: list[str], system: str, max_new_tokens: int,
                       batch_size: int, decoding: list) -> Path:
     """Where the replay answers for these settings are kept. The batch size is in the key: in bf16, the padding of
-    a batch can change a greedy answer; so are the device, dtype and attention (`decoding`,
+    a batch can change a greedy answer; so are the device and the dtype (`decoding`,
     persona.inference.decoding_settings)."""
-    key = hashlib.sha256(json.dumps([base.weights_sha256, prompts, system, max_new_tokens, batch_size, decoding]).encode())
+    what = [base.weights_sha256, prompts, system, max_new_tokens, batch_size, decoding]
+    key = hashlib.sha256(json.dumps(what).encode())
     return Path(cache_dir) / f"replay-{key.hexdigest()[:16]}.jsonl"
 
 
