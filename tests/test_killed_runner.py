@@ -63,7 +63,10 @@ def test_the_training_dies_with_its_killed_runner(tiny_model, tmp_path, monkeypa
         while time.time() < deadline and "ms-swift imported" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.5)  # the job has started (in a fresh child, or in the standby that claimed it)
         assert log.exists() and "ms-swift imported" in log.read_text(), (tmp_path / "runner.err").read_text()[-3000:]
-        time.sleep(8)  # loading, then training without a word
+        deadline = time.time() + 60
+        while time.time() < deadline and not [p for p in trainers(standby_dir) if p.pid not in before]:
+            time.sleep(0.2)
+        time.sleep(3)  # loading, then training without a word
         training = [p for p in trainers(standby_dir) if p.pid not in before]
         assert len(training) == 1  # (the standby for the next run starts only after this job)
         runner.send_signal(signal.SIGKILL)  # the runner (persona run, a Dagster run worker) is killed
