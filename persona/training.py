@@ -28,7 +28,7 @@ from typing import Callable
 from persona import adapter_casts
 from persona.checkpointing import CALLBACK as CHECKPOINT_CALLBACK
 from persona.models import BaseModel
-from persona.preflight import PreflightError, VramEstimate
+from persona.preflight import PreflightError
 from persona.recipe import Recipe, resolve_dtype, scale_for_world
 from persona.standby import Standby, StandbyJob
 from persona.storage import staged_dir
@@ -141,7 +141,6 @@ class TrainResult:
     resumed_from_step: int = 0          # > 0: continued an interrupted attempt's checkpoint at this step
     resumed_from: str | None = None     # that attempt's owner (the MLflow run id the caller passed)
     step_ends: list[float] = field(default_factory=list)  # seconds from the Trainer's start to each step's end
-    gradient_checkpointing: bool | None = None  # what the child trained with (Recipe.checkpointing_if_needed)
 
     def slice_tokens_per_second(self, first: int, last: int) -> float | None:
         """Real tokens per second over optimizer steps first+1 .. last (1-based), from the step clock and the
@@ -304,18 +303,15 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
         batch = recipe.per_device_train_batch_size
         micro_batches = math.ceil(len(lengths) / (batch * world_size)) * recipe.num_train_epochs
         seq_len = preflight.packed_tokens(lengths, batch, micro_batches)
-        as_estimated = recipe.with_overrides(per_device_train_batch_size=1, max_length=max(seq_len, recipe.max_length))
+        estimate = preflight.estimate_for_recipe(
+            shape, recipe.with_overrides(per_device_train_batch_size=1, max_length=max(seq_len, recipe.max_length)),
+            seq_len, world_size, replay_rows)
     else:
         seq_len = max(lengths, default=0)
-        as_estimated = recipe
-    estimate = preflight.estimate_for_recipe(shape, as_estimated, seq_len, world_size, replay_rows)
-    job = {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
-           "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
-           "replay_rows": replay_rows}
-    if recipe.gradient_checkpointing and recipe.checkpointing_if_needed:  # the child decides on its free memory
-        job["without_checkpointing"] = asdict(preflight.estimate_for_recipe(
-            shape, as_estimated.with_overrides(gradient_checkpointing=False), seq_len, world_size, replay_rows))
-    return job
+        estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)
+    return {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
+            "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
+            "replay_rows": replay_rows}
 
 
 PROGRESS_FILE = "logging.jsonl"  # ms-swift appends one JSON object per logging step to its output folder
@@ -557,10 +553,7 @@ def train_lora(
     raw["call_seconds"] = time.time() - started
     raw["standby"] = conn is not None
     if job.get("preflight"):
-        spec = job["preflight"]
-        turned_off = raw.get("gradient_checkpointing") is False and "without_checkpointing" in spec
-        estimate = VramEstimate(**spec["without_checkpointing" if turned_off else "estimate"])
-        raw["estimated_peak_gib"] = estimate.total / 2**30
+        raw["estimated_peak_gib"] = job["preflight"]["total_bytes"] / 2**30
     return _result(raw, adapter_dir)
 
 
@@ -586,5 +579,4 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         resumed_from_step=int(raw.get("resumed_from_step", 0)),
         resumed_from=raw.get("resumed_from"),
         step_ends=[float(t) for t in raw.get("step_ends") or []],
-        gradient_checkpointing=raw.get("gradient_checkpointing"),
     )
