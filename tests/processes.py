@@ -27,10 +27,10 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
 
 
 def project(tiny_model: Path) -> dict:
-    """persona.yaml for the test: the tiny model, trained long enough (40 epochs, ~30 s) to edit the data meanwhile."""
+    """persona.yaml for a test run on the tiny model; tests that need a long training raise num_train_epochs."""
     return {"ops": {
         "base_model": {"config": {"model": str(tiny_model)}},
-        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 40,
+        "lora_adapter": {"config": {"device": "cpu", "learning_rate": 1e-2, "num_train_epochs": 2,
                                     "logging_steps": 1}},
         "baseline_answers": {"config": {"max_new_tokens": 12, "stability_samples": 2}},
     }}

@@ -2,7 +2,9 @@
 edit during that training queues the next run. `dagster sensor list` and `dagster schedule list` show both.
 
 The daemon runs with a temporary DAGSTER_HOME that uses the shipped dagster.yaml; its code server listens on a
-local socket. Every process the test starts is stopped at the end, its whole process group with it.
+local socket. It loads the shipped Definitions with a held fake trainer (tests/daemon_definitions.py), which the
+test releases once it has seen the second run wait. Every process the test starts is stopped at the end, its whole
+process group with it.
 """
 import json
 import os
@@ -18,6 +20,7 @@ from dagster._core.scheduler.instigation import InstigatorType
 
 from orchestration.run_config import link_instance_config
 
+from daemon_definitions import RELEASE
 from orchestration.upstream import TRIGGER_TAG
 from processes import BIN, project, stop
 
@@ -51,9 +54,12 @@ def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp
     # otherwise race to create the same SQLite schemas.
     instance = DagsterInstance.from_config(str(dagster_home))
     assert instance.get_runs() == [] and instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    workspace = dagster_home / "workspace.yaml"
+    workspace.write_text(yaml.safe_dump({"load_from": [{"python_file": {
+        "relative_path": str(REPO / "tests" / "daemon_definitions.py"), "working_directory": str(REPO)}}]}))
     daemon_log = dagster_home / "daemon.log"
     with daemon_log.open("w") as log:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
                                   cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def sensor_cursor():
@@ -74,13 +80,14 @@ def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp
                          lambda: next((r for r in runs() if r.status == DagsterRunStatus.STARTED), None), daemon_log)
 
         # An edit while it trains: the sensor asks for a second run, and the queue holds it back (the training pool
-        # has one slot). The test cancels it once seen waiting, so that only one training takes its time.
+        # has one slot). The test cancels it once seen waiting, then lets the held training finish.
         data.write_text(json.dumps(rows + [{**rows[0], "instruction": "Who are you, in two lines?"}], indent=1))
         second = wait_for("the run for the second edit", lambda: runs()[1:], daemon_log)[0]
         time.sleep(8)  # more than one round of the run queue (5 s)
         assert instance.get_run_by_id(second.run_id).status == DagsterRunStatus.QUEUED
-        assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.STARTED, "trained too fast to tell"
+        assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.STARTED
         instance.run_coordinator.cancel_run(second.run_id)
+        (home / RELEASE).touch()
 
         run = wait_for("the first run to finish",
                        lambda: (r := instance.get_run_by_id(first.run_id)).status in FINISHED and r, daemon_log)
