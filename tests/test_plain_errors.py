@@ -345,7 +345,9 @@ def test_a_training_child_ended_by_ctrl_c_ends_the_run_as_interrupted(tmp_path, 
     from persona.recipe import CPU_SMALL
 
     code = {"traceback": "print('Traceback (most recent call last):'); print('KeyboardInterrupt'); raise SystemExit(1)",
-            "signal": "import os, signal; os.kill(os.getpid(), signal.SIGINT)"}[ending]
+            # Python's own Ctrl-C handling, whatever this worker left SIGINT at (an ignored signal is inherited)
+            "signal": "import os, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "os.kill(os.getpid(), signal.SIGINT)"}[ending]
     monkeypatch.setattr(training, "launch_command", lambda job_file, world_size=1, python=None:
                         [sys.executable, "-c", code])
     base = BaseModel(path=str(tmp_path / "model"), source="test", revision="r", model_type="qwen2", template="qwen2_5",
