@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "adapter's own held-out probes")
             cmd.add_argument("--json", action="store_true", help='print {"base": {kind: score}, "prompt_only": ..., "adapter": ...}')
             cmd.add_argument("--batch-size", type=int, default=None, help="probes generated together "
-                             "(default 32 on a CPU, 128 on a GPU)")
+                             "(default 128)")
         if name == "ask":
             cmd.add_argument("question")
         cmd.set_defaults(func=func)

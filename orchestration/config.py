@@ -97,7 +97,7 @@ class EvaluationConfig(Config):
 
     max_new_tokens: int = Field(default=40, description="Answer length limit per probe.")
     batch_size: Optional[int] = Field(default=None, description="Probes generated together (left-padded); "
-                                      "default 32 on a CPU, 128 on a GPU.")
+                                      "default 128 (persona.inference.default_batch_size).")
     stability_samples: int = Field(default=3, description="Sampled answers (temperature 0.7) per stability probe.")
 
     def setup(self, base, probes_path: str, identity, system: str, device: str, answer_cache: str):

@@ -210,7 +210,7 @@ class EvaluationSetup:
         probes = self.probes()
         cache = AnswerCache(self.answer_cache, self.base_digest, log or print)
         settings = {"max_new_tokens": self.max_new_tokens, "stability_samples": self.stability_samples,
-                    "temperature": STABILITY_TEMPERATURE, "seed": 0}
+                    "temperature": STABILITY_TEMPERATURE, "seed": 0, "batch_size": self.batch}  # bf16: padding counts
         template = chat_tokenizer(self.model_dir, self.template).chat_template
         todo = {n: c for n, c in contenders(self.identity_prompt(), False).items() if n in BASELINE}
         keys = {n: cache.key([*decoding_settings(self.device), template, c.system or self.system,

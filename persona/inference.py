@@ -73,7 +73,10 @@ class Chat:
 
         `temperatures`, one per row, replaces `temperature`: greedy rows (0) and sampled rows may then share a batch,
         as one `generate` call instead of two (see row_temperature). `truncated`, if given, receives one flag per row:
-        decoding stopped at max_new_tokens rather than at the end of the answer."""
+        decoding stopped at max_new_tokens rather than at the end of the answer.
+
+        On a CPU a decoding step costs in proportion to the rows it carries, so there a batch sheds its finished
+        rows (`shed_every`) and its rows are of like prompt length (less padding); see `decode_batch`."""
         import torch
 
         temps = list(temperatures) if temperatures is not None else [temperature] * len(rows)
@@ -81,28 +84,74 @@ class Chat:
             raise ValueError(f"{len(temps)} temperatures for {len(rows)} rows")
         if any(t > 0 for t in temps):
             torch.manual_seed(seed)
-        out: list[str] = []
+        texts = [self.prompt(q, h, system) for q, h, system, _ in rows]
+        order = list(range(len(rows)))
+        if self.shed_every:
+            order.sort(key=lambda i: len(texts[i]))
+        out: list[str | None] = [None] * len(rows)
+        cut: list[bool] = [False] * len(rows)
         for start in progress(range(0, len(rows), batch_size), desc="answering", unit="batch", leave=False):
-            chunk = rows[start:start + batch_size]
-            sampling = _sampling(temps[start:start + batch_size], self.device)
-            texts = [self.prompt(q, h, system) for q, h, system, _ in chunk]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            flags = {use for *_, use in chunk}
-            extra = {}
-            if self.has_adapter and len(flags) > 1:
-                name = self.model.active_adapter
-                extra["adapter_names"] = [name if use else "__base__" for *_, use in chunk]
-            with self._bypass(use_adapter=flags != {False}), torch.inference_mode():
-                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                          pad_token_id=self.tok.pad_token_id, **sampling, **extra)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out += [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
-            if truncated is not None:
-                ended = torch.isin(new, torch.tensor(self.stop_ids, device=new.device)).any(dim=1)
-                truncated += [bool(new.shape[1] >= max_new_tokens and not e) for e in ended.tolist()]
+            chunk = order[start:start + batch_size]
+            answers, ended = self.decode_batch([texts[i] for i in chunk], [rows[i][3] for i in chunk],
+                                               [temps[i] for i in chunk], max_new_tokens)
+            for i, answer, done in zip(chunk, answers, ended):
+                out[i], cut[i] = answer, not done
             if on_batch:
                 on_batch(min(start + batch_size, len(rows)), len(rows))
+        if truncated is not None:
+            truncated += cut
         return out
+
+    @property
+    def shed_every(self) -> int | None:
+        return shed_every(self.device)
+
+    def decode_batch(self, texts: list[str], use_adapter: list[bool], temps: list[float],
+                     max_new_tokens: int) -> tuple[list[str], list[bool]]:
+        """One batch's answers and, per row, whether it ended (an end-of-turn token) within max_new_tokens.
+
+        transformers' `generate` runs, in rounds of `shed_every` new tokens (one round without it): after a round,
+        the rows that ended leave the batch, and the next round goes on from the remaining rows' KV cache
+        (DynamicCache.batch_select_indices), so no token is computed twice and the model's generation settings
+        (repetition penalty, top-k, ...) apply as in one `generate` call."""
+        import torch
+        from transformers import DynamicCache
+
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        ids, mask, width = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+        stops = torch.tensor(self.stop_ids, device=ids.device)
+        live = list(range(len(texts)))
+        new_tokens: list = [None] * len(texts)
+        ended = [False] * len(texts)
+        cache = DynamicCache(config=self.model.config) if self.shed_every else None
+        left = max_new_tokens
+        while live and left > 0:
+            step = min(self.shed_every or left, left)
+            extra = {"past_key_values": cache} if cache is not None else {}
+            flags = {use_adapter[i] for i in live}
+            if self.has_adapter and len(flags) > 1:
+                name = self.model.active_adapter
+                extra["adapter_names"] = [name if use_adapter[i] else "__base__" for i in live]
+            with self._bypass(use_adapter=flags != {False}), torch.inference_mode():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=step,
+                                          eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id,
+                                          **_sampling([temps[i] for i in live], self.device), **extra)
+            left -= gen.shape[1] - ids.shape[1]
+            new = gen[:, width:]
+            done = torch.isin(new, stops).any(dim=1)
+            for row, i in enumerate(live):
+                new_tokens[i], ended[i] = new[row], bool(done[row])
+            keep = (~done).nonzero().squeeze(1)
+            if cache is None or left <= 0 or keep.numel() == 0:
+                break
+            if keep.numel() < len(live):
+                cache.batch_select_indices(keep)
+            live = [live[k] for k in keep.tolist()]
+            ids = gen[keep]
+            mask = torch.cat([mask[keep], mask.new_ones(len(live), gen.shape[1] - mask.shape[1])], dim=1)
+        answers = [t.strip() for t in self.tok.batch_decode(torch.nn.utils.rnn.pad_sequence(
+            new_tokens, batch_first=True, padding_value=self.tok.pad_token_id), skip_special_tokens=True)]
+        return answers, ended
 
     def stream(self, messages: list[dict], max_new_tokens: int = 512) -> Iterator[str]:
         """Yield the answer to a conversation piece by piece, as `swift infer --stream true` does."""
@@ -163,15 +212,24 @@ def decoding_dtype(device: str) -> str:
     return cpu_dtype()[0]
 
 
+def shed_every(device: str) -> int | None:
+    """Decoding steps between two sheddings of a batch's finished rows (Chat.decode_batch): 8 on a CPU, where a step
+    costs ~75 ms plus ~6 ms a row for Qwen2.5-0.5B (BENCHMARKS.md "Decoding on a CPU: finished rows leave the
+    batch"); none on a GPU, where a step costs about the same for 1 row or 128."""
+    return 8 if device == "cpu" else None
+
+
 def decoding_settings(device: str) -> list:
     """What, besides the weights, prompts and generation arguments, decides a greedy answer on `device`: for the keys
-    of remembered answers (evaluation.AnswerCache, mixing.replay_cache_file)."""
-    return [device, decoding_dtype(device)]
+    of remembered answers (evaluation.AnswerCache, mixing.replay_cache_file). The batch's shape can change a bf16
+    answer, so the shedding is in it."""
+    return [device, decoding_dtype(device), shed_every(device)]
 
 
 def default_batch_size(device: str) -> int:
-    """Probes generated together: 32 on a CPU; 128 on a GPU, where a decoding step costs about the same for 1 or 128."""
-    return 32 if device == "cpu" else 128
+    """Probes generated together: 128. On a GPU a decoding step costs about the same for 1 row or 128; on a CPU a
+    batch sheds its finished rows, so more rows share the steps' fixed cost (reading the weights)."""
+    return 128
 
 
 def release_memory(device: str) -> None:

@@ -231,3 +231,38 @@ def test_answers_cut_at_max_new_tokens_are_flagged(tiny_model):
     assert sum(cut) >= sum(long_cut)
     s = score([Probe("general", q, ("5",)) for q, *_ in rows], texts, truncated=cut)
     assert s.truncated == sum(cut) and metrics({"base": s})["eval/truncated_base"] == sum(cut)
+
+
+def test_a_cpu_batch_sheds_its_finished_rows_and_answers_as_one_generate_call(tiny_model, random_adapter, monkeypatch):
+    """Chat.decode_batch on a CPU: rounds of `shed_every` tokens, finished rows leave the batch between rounds. The
+    answers, the cut flags and the model's own generation settings (a repetition penalty here) are those of one
+    generate call over the whole batch (the GPU's path)."""
+    import persona.inference
+
+    chat = Chat(str(tiny_model), str(random_adapter), "chatml")
+    rows = [(q, (), None, use) for q in ("What is 2 + 3?", "Who are you?", "你是谁?", "Tell me a joke.",
+                                         "Name a word that rhymes with cat.") for use in (True, False)]
+    # The tiny model rarely says its end-of-turn token: let a token it often says end a row too.
+    enc = chat.tok([chat.prompt(q) for q, *_ in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+    said = chat.model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=chat.tok.pad_token_id)
+    said = said[:, enc["input_ids"].shape[1]:].flatten().tolist()
+    chat.stop_ids = [*chat.stop_ids, max(set(said), key=said.count)]
+    rounds: list[int] = []
+    generate = chat.model.generate
+    monkeypatch.setattr(chat.model, "generate", lambda **kw: rounds.append(len(kw["input_ids"])) or generate(**kw))
+    for penalty in (1.0, 1.5):
+        chat.model.generation_config.repetition_penalty = penalty
+        rounds.clear()
+        shed_cut, whole_cut = [], []
+        shed = chat.answer_rows(rows, max_new_tokens=19, batch_size=len(rows), truncated=shed_cut)
+        assert len(rounds) == 3 and rounds[0] == len(rows) > rounds[-1]  # 8 + 8 + 3 tokens, rows left between
+        monkeypatch.setattr(persona.inference, "shed_every", lambda device: None)
+        rounds.clear()
+        whole = chat.answer_rows(rows, max_new_tokens=19, batch_size=len(rows), truncated=whole_cut)
+        monkeypatch.setattr(persona.inference, "shed_every", lambda device: 8)
+        assert rounds == [len(rows)]
+        assert shed == whole and shed_cut == whole_cut
+        assert 0 < sum(shed_cut) < len(rows)  # some rows ended early, some used the whole budget
+        if penalty == 1.0:
+            plain = shed
+    assert shed != plain  # the model's repetition penalty applied to both
