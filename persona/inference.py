@@ -113,17 +113,29 @@ class Chat:
         transformers' `generate` runs, in rounds of `shed_every` new tokens (one round without it): after a round,
         the rows that ended leave the batch, and the next round goes on from the remaining rows' KV cache
         (DynamicCache.batch_select_indices), so no token is computed twice and the model's generation settings
-        (repetition penalty, top-k, ...) apply as in one `generate` call."""
+        (repetition penalty, top-k, ...) apply as in one `generate` call. With it, the tokens every prompt of the
+        batch begins with (the system prompt) are computed once, for one row, and their KV cache is copied to the
+        others; the padding then sits between them and the rest of each prompt, masked as at the left."""
         import torch
         from transformers import DynamicCache
 
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        ids, mask, width = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+        prompts = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shared = shared_prefix(prompts) if self.shed_every and len(set(use_adapter)) == 1 else 0
+        longest = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([p[:shared] + [pad] * (longest - len(p)) + p[shared:] for p in prompts], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (longest - len(p)) + [1] * (len(p) - shared) for p in prompts],
+                            device=self.device)
+        width = ids.shape[1]
         stops = torch.tensor(self.stop_ids, device=ids.device)
         live = list(range(len(texts)))
         new_tokens: list = [None] * len(texts)
         ended = [False] * len(texts)
         cache = DynamicCache(config=self.model.config) if self.shed_every else None
+        if shared:
+            with self._bypass(use_adapter=use_adapter[0]), torch.inference_mode():
+                self.model(input_ids=ids[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(texts))
         left = max_new_tokens
         while live and left > 0:
             step = min(self.shed_every or left, left)
@@ -201,6 +213,15 @@ def row_temperature(temps: list[float], device: str):
             return out.masked_fill(greedy[:, None] & ~best, float("-inf"))
 
     return _RowTemperature()
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many tokens every prompt begins with, leaving each at least one of its own (generate's first input)."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(max(n, 0)):
+        if len({p[i] for p in prompts}) > 1:
+            return i
+    return max(n, 0)
 
 
 def decoding_dtype(device: str) -> str:

@@ -234,10 +234,15 @@ def test_answers_cut_at_max_new_tokens_are_flagged(tiny_model):
 
 
 def test_a_cpu_batch_sheds_its_finished_rows_and_answers_as_one_generate_call(tiny_model, random_adapter, monkeypatch):
-    """Chat.decode_batch on a CPU: rounds of `shed_every` tokens, finished rows leave the batch between rounds. The
-    answers, the cut flags and the model's own generation settings (a repetition penalty here) are those of one
-    generate call over the whole batch (the GPU's path)."""
+    """Chat.decode_batch on a CPU: the prompts' shared beginning computed once, then rounds of `shed_every` tokens,
+    finished rows leaving the batch between rounds. The answers, the cut flags and the model's own generation
+    settings (a repetition penalty here) are those of one generate call over the whole batch (the GPU's path)."""
     import persona.inference
+    from persona.inference import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one token of its own
+    assert shared_prefix([[1], [1, 2]]) == 0 and shared_prefix([[7, 1], [8, 1]]) == 0
 
     chat = Chat(str(tiny_model), str(random_adapter), "chatml")
     rows = [(q, (), None, use) for q in ("What is 2 + 3?", "Who are you?", "你是谁?", "Tell me a joke.",
@@ -250,19 +255,20 @@ def test_a_cpu_batch_sheds_its_finished_rows_and_answers_as_one_generate_call(ti
     rounds: list[int] = []
     generate = chat.model.generate
     monkeypatch.setattr(chat.model, "generate", lambda **kw: rounds.append(len(kw["input_ids"])) or generate(**kw))
-    for penalty in (1.0, 1.5):
-        chat.model.generation_config.repetition_penalty = penalty
-        rounds.clear()
-        shed_cut, whole_cut = [], []
-        shed = chat.answer_rows(rows, max_new_tokens=19, batch_size=len(rows), truncated=shed_cut)
-        assert len(rounds) == 3 and rounds[0] == len(rows) > rounds[-1]  # 8 + 8 + 3 tokens, rows left between
-        monkeypatch.setattr(persona.inference, "shed_every", lambda device: None)
-        rounds.clear()
-        whole = chat.answer_rows(rows, max_new_tokens=19, batch_size=len(rows), truncated=whole_cut)
-        monkeypatch.setattr(persona.inference, "shed_every", lambda device: 8)
-        assert rounds == [len(rows)]
-        assert shed == whole and shed_cut == whole_cut
-        assert 0 < sum(shed_cut) < len(rows)  # some rows ended early, some used the whole budget
-        if penalty == 1.0:
-            plain = shed
-    assert shed != plain  # the model's repetition penalty applied to both
+    answers = {}
+    for name, batch in (("adapter and base rows", rows), ("adapter rows (a shared prefix)", rows[::2])):
+        for penalty in (1.0, 1.5):
+            chat.model.generation_config.repetition_penalty = penalty
+            rounds.clear()
+            shed_cut, whole_cut = [], []
+            shed = chat.answer_rows(batch, max_new_tokens=19, batch_size=len(batch), truncated=shed_cut)
+            assert len(rounds) == 3 and rounds[0] == len(batch) > rounds[-1]  # 8 + 8 + 3 tokens, rows left between
+            monkeypatch.setattr(persona.inference, "shed_every", lambda device: None)
+            rounds.clear()
+            whole = chat.answer_rows(batch, max_new_tokens=19, batch_size=len(batch), truncated=whole_cut)
+            monkeypatch.setattr(persona.inference, "shed_every", lambda device: 8)
+            assert rounds == [len(batch)]
+            assert shed == whole and shed_cut == whole_cut, name
+            assert 0 < sum(shed_cut) < len(batch)  # some rows ended early, some used the whole budget
+            answers[name, penalty] = shed
+        assert answers[name, 1.0] != answers[name, 1.5]  # the model's repetition penalty applied to both
