@@ -3,8 +3,8 @@ batches of 128 rows of like prompt length, the prompts' shared beginning compute
 beginning; and one `generate` call per file-order batch of 32 (the code before).
 
 The evaluation's own call (persona.evaluation.decode) of the adapter contender over the run's probes (every probe,
-stability sampled 3 times), adapter loaded, 40 new tokens, alternating the two in one
-process `--runs` times: the same machine, the same warm caches.
+stability sampled 3 times), adapter loaded, 40 new tokens, the three arms alternating in one process `--runs`
+times: the same machine, the same warm caches.
 
     .venv/bin/python bench/bench_shedding.py --adapter outputs/adapters/<run id> [--runs 2]
 """
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import persona.inference
-from persona.inference import shared_prefix
 from persona.evaluation import Contender, decode
+from persona.inference import shared_prefix
 from persona.probes import load_probes
 from persona.targets import adapter_target
 

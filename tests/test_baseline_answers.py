@@ -30,7 +30,7 @@ def test_the_baseline_is_decoded_once_then_remembered_and_scores_as_decoding_eve
     other_probes = tmp_path / "fewer.jsonl"
     other_probes.write_text(json.dumps(PROBES[0]) + "\n", encoding="utf-8")
     for changed in (dict(system="You are terse."), dict(max_new_tokens=5), dict(base_digest="other-weights"),
-                    dict(probes_path=str(other_probes))):
+                    dict(probes_path=str(other_probes)), dict(batch_size=2)):  # bf16: a batch's padding counts
         loads.clear()
         replace(setup, **changed).baseline(lambda: loads.append(1) or setup.load())
         assert loads == [1], changed
