@@ -130,6 +130,8 @@ def lora_adapter(
         # The registry's copy is usable on its own (`persona chat --champion`, `serve`, `export`).
         mlflow.log_dict(manifest, f"adapter/{MANIFEST}")
         mlflow.set_tag("persona.trainer", "standby" if result.standby else "fresh process")
+        if result.gradient_checkpointing is not None:  # the fast recipe's choice is made by the child (pre-flight)
+            mlflow.set_tag("persona.gradient_checkpointing", "on" if result.gradient_checkpointing else "off")
         # Last, inside the run: the manifest marks a complete adapter, and a failure to write it fails the run too.
         Path(result.adapter_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False),
                                                       encoding="utf-8")
@@ -144,6 +146,7 @@ def lora_adapter(
             "trainer": "standby (imports done ahead)" if result.standby else "fresh process",
             "resumed_from_step": result.resumed_from_step,
             "peak_memory_gib": round(result.peak_memory_gib, 2),
+            "gradient_checkpointing": str(result.gradient_checkpointing),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "device": device,
             "mlflow_run": MetadataValue.url(mlflow_tracker.run_url(run_id)),

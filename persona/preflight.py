@@ -27,6 +27,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, 
 LORA_STATE_BYTES = 16          # fp32 weight + fp32 grad + Adam exp_avg + exp_avg_sq
 ALLOCATOR_OVERHEAD = 0.35 * GIB  # cuBLAS workspaces, optimizer temporaries, caching-allocator rounding
 SAFETY_MARGIN = 1.05           # asked-for free memory = estimate x this
+# Training without gradient checkpointing (a recipe's checkpointing_if_needed) asks for more room: an estimate that
+# falls short then costs the run an out-of-memory error, where with checkpointing it would have fitted.
+CHECKPOINTING_OFF_MARGIN = 1.25
 DDP_OVERHEAD = 0.25 * GIB      # with several GPUs: NCCL buffers, besides DDP's fp32 gradient buckets
 
 # Bytes per token per decoder layer kept for backward, as multiples of (hidden, intermediate, kv_dim), bf16.

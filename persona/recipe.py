@@ -41,6 +41,10 @@ class Recipe:
     dataloader_num_workers: int = 0          # data is tokenized up front; workers only add start-up time
     cudnn_attention: bool = True             # False: PyTorch's SDPA skips its cuDNN backend (flash / mem-efficient)
     lora_input_cast: bool = True             # False: under bf16 autocast, no float32 copy of LoRA's input (adapter_casts)
+    # True: gradient_checkpointing is on only where it is needed. The training child turns it off when the pre-flight
+    # estimate without it fits the GPU's free memory (persona.train_worker.checkpointing_needed); recomputing each
+    # layer's forward costs a step ~20 %. Setting gradient_checkpointing explicitly (with_overrides) turns this off.
+    checkpointing_if_needed: bool = False
     # Replay rows (the base model's own answers to general prompts): 0 learns them as plain targets; > 0 trains them
     # to keep the base model's next-token distribution instead, KL(base || adapter) x this weight (persona.distill).
     # CPU_DEFAULT uses 2 (it kept 148 of the 0.5B model's 156 right general answers where plain targets kept 140);
@@ -79,6 +83,8 @@ class Recipe:
                 clean[key] = tuple(x for x in clean[key].split(",") if x)
             elif key in clean:
                 clean[key] = tuple(clean[key])
+        if "gradient_checkpointing" in clean and "checkpointing_if_needed" not in clean:
+            clean["checkpointing_if_needed"] = False  # the caller chose: on means on, whatever the memory
         if clean.get("replay_kl_weight", 0) > 0 and "padding_free" not in clean:
             clean["padding_free"] = False  # the KL compares each replay row with the base model: a row per sample
         return replace(self, **clean)
@@ -127,6 +133,7 @@ FAST_GPU = replace(
     padding_free=True,
     attn_impl="torch_varlen",
     lora_input_cast=False,
+    checkpointing_if_needed=True,
 )
 
 # CPU recipes follow the model's size. The rule: LoRA's learning rate falls as the model grows, and a small,

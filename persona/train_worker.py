@@ -69,22 +69,23 @@ def max_over_ranks(value: float) -> float:
         return value
 
 
-def start_cuda(job: dict, local_rank: int) -> None:
-    """Create this rank's CUDA context, then run the pre-flight check (raises PreflightError)."""
+def start_cuda(job: dict, local_rank: int) -> bool | None:
+    """Create this rank's CUDA context, then run the pre-flight check (raises PreflightError; returns its answer)."""
     import torch
 
     if torch.cuda.is_available():  # (not in the CPU tests, which fake the free memory)
         torch.cuda.mem_get_info(local_rank)
-    run_preflight(job, local_rank)
+    return run_preflight(job, local_rank)
 
 
-def run_preflight(job: dict, local_rank: int) -> None:
-    """Raise persona.preflight.PreflightError when the job's estimate does not fit this GPU's free memory."""
+def run_preflight(job: dict, local_rank: int) -> bool | None:
+    """Raise persona.preflight.PreflightError when the job's estimate does not fit this GPU's free memory. Returns
+    False when the job may train without gradient checkpointing (checkpointing_needed), None to keep its setting."""
     from persona import preflight
 
     spec = job.get("preflight")
     if not spec or os.environ.get("PERSONA_SKIP_PREFLIGHT"):
-        return
+        return None
     estimate = preflight.VramEstimate(**spec["estimate"])
     shape = preflight.ModelShape(**spec["shape"])
     fake = os.environ.get("PERSONA_FAKE_FREE_VRAM_GIB")  # dry runs and tests: pretend this much is free
@@ -100,6 +101,23 @@ def run_preflight(job: dict, local_rank: int) -> None:
                                       spec.get("world_size", 1), spec.get("replay_rows", False))
     preflight.check_fits(estimate, free, total, name, hints)
     print(f"[persona] pre-flight: {name}: {free / 2**30:.1f} GiB free; estimate {estimate.describe()}", flush=True)
+    if "without_checkpointing" in spec and not checkpointing_needed(spec, free):
+        without = preflight.VramEstimate(**spec["without_checkpointing"])
+        print(f"[persona] gradient checkpointing off: the estimate without it, ~{without.total / 2**30:.1f} GiB, "
+              f"fits the {free / 2**30:.1f} GiB free", flush=True)
+        return False
+    return None
+
+
+def checkpointing_needed(spec: dict, free: int) -> bool:
+    """Whether a job needs gradient checkpointing to fit `free` bytes: yes unless its pre-flight carries an estimate
+    without it (the recipe's checkpointing_if_needed) that fits with preflight.CHECKPOINTING_OFF_MARGIN. Each rank
+    decides on its own GPU's free memory (before the process group exists); ranks that differ compute the same
+    gradients, one of them with recomputation."""
+    from persona import preflight
+
+    without = spec.get("without_checkpointing")
+    return not without or preflight.VramEstimate(**without).total * preflight.CHECKPOINTING_OFF_MARGIN > free
 
 
 def main(job_file: str, started: float = PROCESS_START) -> None:
@@ -132,7 +150,8 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
         from persona.preflight import PreflightError
 
         try:
-            preflight.result()
+            if preflight.result() is False:
+                args = {**args, "gradient_checkpointing": False}
         except PreflightError as exc:
             print(f"[persona] pre-flight refused the run: {exc}", flush=True)
             Path(args["output_dir"], PREFLIGHT_FILE).write_text(json.dumps({"message": str(exc), "rank": rank}))
@@ -177,6 +196,7 @@ def main(job_file: str, started: float = PROCESS_START) -> None:
         "peak_memory_gib": peak,
         "train_dataset": out.get("train_dataset"),
         "step_ends": list(step_clock.STEP_ENDS),
+        "gradient_checkpointing": bool(args.get("gradient_checkpointing")),  # after the pre-flight's choice
     }
     Path(args["output_dir"], RESULT_FILE).write_text(json.dumps(result, default=str))
 

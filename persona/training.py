@@ -28,7 +28,7 @@ from typing import Callable
 from persona import adapter_casts
 from persona.checkpointing import CALLBACK as CHECKPOINT_CALLBACK
 from persona.models import BaseModel
-from persona.preflight import PreflightError
+from persona.preflight import PreflightError, VramEstimate
 from persona.recipe import Recipe, resolve_dtype, scale_for_world
 from persona.standby import Standby, StandbyJob
 from persona.storage import staged_dir
@@ -141,6 +141,7 @@ class TrainResult:
     resumed_from_step: int = 0          # > 0: continued an interrupted attempt's checkpoint at this step
     resumed_from: str | None = None     # that attempt's owner (the MLflow run id the caller passed)
     step_ends: list[float] = field(default_factory=list)  # seconds from the Trainer's start to each step's end
+    gradient_checkpointing: bool | None = None  # what the child trained with (Recipe.checkpointing_if_needed)
 
     def slice_tokens_per_second(self, first: int, last: int) -> float | None:
         """Real tokens per second over optimizer steps first+1 .. last (1-based), from the step clock and the
@@ -303,15 +304,18 @@ def preflight_job(base: BaseModel, dataset_path: str, recipe: Recipe, world_size
         batch = recipe.per_device_train_batch_size
         micro_batches = math.ceil(len(lengths) / (batch * world_size)) * recipe.num_train_epochs
         seq_len = preflight.packed_tokens(lengths, batch, micro_batches)
-        estimate = preflight.estimate_for_recipe(
-            shape, recipe.with_overrides(per_device_train_batch_size=1, max_length=max(seq_len, recipe.max_length)),
-            seq_len, world_size, replay_rows)
+        as_estimated = recipe.with_overrides(per_device_train_batch_size=1, max_length=max(seq_len, recipe.max_length))
     else:
         seq_len = max(lengths, default=0)
-        estimate = preflight.estimate_for_recipe(shape, recipe, seq_len, world_size, replay_rows)
-    return {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
-            "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
-            "replay_rows": replay_rows}
+        as_estimated = recipe
+    estimate = preflight.estimate_for_recipe(shape, as_estimated, seq_len, world_size, replay_rows)
+    job = {"estimate": asdict(estimate), "total_bytes": estimate.total, "seq_len": seq_len, "world_size": world_size,
+           "describe": estimate.describe(), "shape": asdict(shape), "recipe": recipe.as_params(),
+           "replay_rows": replay_rows}
+    if recipe.gradient_checkpointing and recipe.checkpointing_if_needed:  # the child decides on its free memory
+        job["without_checkpointing"] = asdict(preflight.estimate_for_recipe(
+            shape, as_estimated.with_overrides(gradient_checkpointing=False), seq_len, world_size, replay_rows))
+    return job
 
 
 PROGRESS_FILE = "logging.jsonl"  # ms-swift appends one JSON object per logging step to its output folder
@@ -553,7 +557,10 @@ def train_lora(
     raw["call_seconds"] = time.time() - started
     raw["standby"] = conn is not None
     if job.get("preflight"):
-        raw["estimated_peak_gib"] = job["preflight"]["total_bytes"] / 2**30
+        spec = job["preflight"]
+        turned_off = raw.get("gradient_checkpointing") is False and "without_checkpointing" in spec
+        estimate = VramEstimate(**spec["without_checkpointing" if turned_off else "estimate"])
+        raw["estimated_peak_gib"] = estimate.total / 2**30
     return _result(raw, adapter_dir)
 
 
@@ -579,4 +586,5 @@ def _result(raw: dict, adapter_dir: Path) -> TrainResult:
         resumed_from_step=int(raw.get("resumed_from_step", 0)),
         resumed_from=raw.get("resumed_from"),
         step_ends=[float(t) for t in raw.get("step_ends") or []],
+        gradient_checkpointing=raw.get("gradient_checkpointing"),
     )

@@ -394,3 +394,70 @@ def test_progress_comes_from_ms_swifts_logging_file(tmp_path):
         f.write(step2[10:] + "\n")
     assert progress.new() == [json.loads(step2)] and progress.new() == []
     assert ProgressLog(tmp_path / "elsewhere").new() == []  # no file yet: nothing
+
+
+# --- gradient checkpointing only where the memory needs it (Recipe.checkpointing_if_needed) ------------------------
+
+def test_the_fast_recipe_checkpoints_only_if_needed_unless_told(tmp_path, monkeypatch):
+    from persona.training import preflight_job
+
+    assert FAST_GPU.gradient_checkpointing and FAST_GPU.checkpointing_if_needed
+    assert not SEED_GPU.checkpointing_if_needed and not CPU_DEFAULT.checkpointing_if_needed
+    told = FAST_GPU.with_overrides(gradient_checkpointing=True)  # an explicit choice is kept, whatever the memory
+    assert told.gradient_checkpointing and not told.checkpointing_if_needed
+    assert FAST_GPU.with_overrides(learning_rate=1e-4).checkpointing_if_needed  # other overrides keep it
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_7B))
+    data = tmp_path / "a.json"
+    data.write_text(json.dumps([{"instruction": " ".join(["word"] * n), "input": "", "output": "a"}
+                                for n in (20, 400, 60, 300)]))
+    monkeypatch.setattr(preflight, "tokenizer_counter", lambda path: None)
+    job = preflight_job(base(model), str(data), FAST_GPU)
+    assert job["without_checkpointing"]["activations"] > job["estimate"]["activations"]
+    assert job["without_checkpointing"]["weights"] == job["estimate"]["weights"]
+    assert "without_checkpointing" not in preflight_job(base(model), str(data), told)
+    assert "without_checkpointing" not in preflight_job(base(model), str(data), SEED_GPU)
+
+
+def test_the_training_child_turns_checkpointing_off_only_when_the_estimate_without_it_fits(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import swift
+
+    from persona import packing, train_worker
+
+    shape = ModelShape.from_config(QWEN25_7B)
+    on = estimate_for_recipe(shape, FAST_GPU, 2000)
+    off = estimate_for_recipe(shape, FAST_GPU.with_overrides(gradient_checkpointing=False), 2000)
+    assert off.total > on.total * 1.1
+    job = {"device": "cuda", "swift_args": {"output_dir": str(tmp_path), "gradient_checkpointing": True},
+           "preflight": {"estimate": on.__dict__, "without_checkpointing": off.__dict__, "shape": shape.__dict__,
+                         "seq_len": 2000, "recipe": FAST_GPU.as_params(), "total_bytes": on.total}}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job))
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_sft_main(args):
+        built.append(args)
+        raise Stop
+
+    monkeypatch.setattr(packing, "sft_arguments", lambda cls, args: args)
+    monkeypatch.setattr(swift, "sft_main", fake_sft_main)
+    for free, checkpointing in ((off.total * 1.3, False),  # room for the run without it: off
+                                (off.total * 1.1, True),   # fits without it, but not with the off-margin: kept
+                                (on.total * 1.1, True)):   # room only with it
+        monkeypatch.setattr(preflight, "free_cuda_memory", lambda i, f=free: (int(f), 80 * GIB, "GPU 0 (test)"))
+        with pytest.raises(Stop):
+            train_worker.main(str(job_file))
+        assert built.pop()["gradient_checkpointing"] is checkpointing, free / GIB
+        said = capsys.readouterr().out
+        assert ("gradient checkpointing off: the estimate without it" in said) is (not checkpointing)
+    job["preflight"].pop("without_checkpointing")  # a recipe told to checkpoint: no estimate without it, kept on
+    job_file.write_text(json.dumps(job))
+    monkeypatch.setattr(preflight, "free_cuda_memory", lambda i: (200 * GIB, 200 * GIB, "GPU 0 (test)"))
+    with pytest.raises(Stop):
+        train_worker.main(str(job_file))
+    assert built.pop()["gradient_checkpointing"] is True
