@@ -32,6 +32,7 @@ PLAIN_KNOBS = {
     "use_logits_to_keep",       # ms-swift / transformers
     "dataloader_num_workers",   # torch
     "cudnn_attention",          # torch's SDPA backends
+    "checkpointing_if_needed",  # persona.train_worker: the pre-flight estimate decides
     "lora_input_cast",          # peft: an attribute of its tuner layers (a PEFT without it keeps the copy)
     "replay_kl_weight",         # persona.distill: torch
     "padding_free",             # ms-swift, on SDPA where flash-attn is missing (persona.packing)
