@@ -286,6 +286,18 @@ def test_longest_sample_tokens(tmp_path):
     assert preflight.longest_sample_tokens(alpaca, count=lambda t: 1, per_message=0, fixed=0) == 2
 
 
+def model_and_rows(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A folder with Qwen2.5-7B's config and four Alpaca rows of 20-400 words; no tokenizer: a token a character."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_7B))
+    data = tmp_path / "a.json"
+    data.write_text(json.dumps([{"instruction": " ".join(["word"] * n), "input": "", "output": "a"}
+                                for n in (20, 400, 60, 300)]))
+    monkeypatch.setattr(preflight, "tokenizer_counter", lambda path: None)
+    return model, data
+
+
 def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, monkeypatch):
     """A padding-free micro-batch is one row of its samples: the estimate takes the worst, the batch's longest
     samples together, instead of batch x the longest sample."""
@@ -299,13 +311,7 @@ def test_padding_free_estimate_counts_the_longest_samples_end_to_end(tmp_path, m
     expected = preflight.packed_tokens(lengths, 16, micro_batches=189)
     assert mean_row < expected < worst and expected < preflight.packed_tokens(lengths, 16, micro_batches=10**6)
     assert preflight.packed_tokens(lengths, 16, micro_batches=1) == worst
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(QWEN25_7B))
-    data = tmp_path / "a.json"
-    data.write_text(json.dumps([{"instruction": " ".join(["word"] * n), "input": "", "output": "a"}
-                                for n in (20, 400, 60, 300)]))
-    monkeypatch.setattr(preflight, "tokenizer_counter", lambda path: None)  # (no tokenizer: a token a character)
+    model, data = model_and_rows(tmp_path, monkeypatch)
     recipe = FAST_GPU.with_overrides(per_device_train_batch_size=2)
     padded, packed = (preflight_job(base(model), str(data), recipe.with_overrides(padding_free=pf)) for pf in (0, 1))
     lengths = preflight.sample_tokens(data, recipe.system)
@@ -406,13 +412,7 @@ def test_the_fast_recipe_checkpoints_only_if_needed_unless_told(tmp_path, monkey
     told = FAST_GPU.with_overrides(gradient_checkpointing=True)  # an explicit choice is kept, whatever the memory
     assert told.gradient_checkpointing and not told.checkpointing_if_needed
     assert FAST_GPU.with_overrides(learning_rate=1e-4).checkpointing_if_needed  # other overrides keep it
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(QWEN25_7B))
-    data = tmp_path / "a.json"
-    data.write_text(json.dumps([{"instruction": " ".join(["word"] * n), "input": "", "output": "a"}
-                                for n in (20, 400, 60, 300)]))
-    monkeypatch.setattr(preflight, "tokenizer_counter", lambda path: None)
+    model, data = model_and_rows(tmp_path, monkeypatch)
     job = preflight_job(base(model), str(data), FAST_GPU)
     assert job["without_checkpointing"]["activations"] > job["estimate"]["activations"]
     assert job["without_checkpointing"]["weights"] == job["estimate"]["weights"]
