@@ -103,7 +103,10 @@ SEED_GPU = Recipe(
 
 # The seed's optimization (16 samples per optimizer step, same lr, epochs, warm-up and schedule, so the same
 # steps), computed in one micro-batch of 16 instead of 16 accumulated micro-batches of 1. Gradient checkpointing
-# stays on: without it a 7B model's activations for 16 samples need ~24-30 GiB, with it the run fits in 16 GiB.
+# only where the memory needs it (checkpointing_if_needed): a 7B model's short identity rows train without it in
+# ~24 GiB (15.3 GiB with it) and each step skips recomputing the forward: 11.9-15.1 s against 16.5-17.7 s for the
+# bench's 40 steps, same losses (BENCHMARKS.md "Gradient checkpointing only where needed"); a card or a workload
+# whose estimate without it does not fit keeps it on.
 # Liger's fused linear+cross-entropy never builds the (tokens x 152k vocabulary) logits tensor (~2 GiB saved);
 # its other kernels (RoPE, RMSNorm, SwiGLU) are left out: at this size the step is bound by kernel-launch time on
 # the CPU, and each Triton launch costs more CPU time than the few PyTorch kernels it replaces. Measured in
