@@ -118,6 +118,18 @@ def resources(home):
 
 
 @pytest.fixture
+def retries_without_delay(monkeypatch):
+    """lora_adapter's shipped retry policy (TRAINER_RETRIES) without its delays (5, then 10 s: time for a GPU to give
+    back a dead process's memory), for tests of the retries rather than of the waiting."""
+    from dagster import RetryPolicy
+
+    from assets.lora_adapter import TRAINER_RETRIES, lora_adapter
+
+    assert lora_adapter.op.retry_policy == TRAINER_RETRIES  # (a loud failure if Dagster renames the attribute below)
+    monkeypatch.setattr(lora_adapter.op, "_retry_policy", RetryPolicy(max_retries=TRAINER_RETRIES.max_retries))
+
+
+@pytest.fixture
 def real_trainer():
     """ms-swift in a child process, as runs use it (no standby: tests/test_standby.py starts those itself)."""
     from orchestration.resources import Trainer
@@ -147,3 +159,9 @@ def _no_stale_defs_state_storage():
     from dagster._core.storage.defs_state.base import _current_storage
 
     _current_storage.set(None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The daemon's and the browser's tests first: they wait the longest, and under `make test`'s workers a long test
+    that starts last keeps the run going while the other worker idles."""
+    items.sort(key=lambda item: not (item.get_closest_marker("daemon") or item.get_closest_marker("browser")))

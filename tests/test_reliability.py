@@ -245,9 +245,9 @@ def attempt_failures(result) -> list[str]:
 
 @pytest.mark.slow
 def test_training_killed_mid_run_loses_nothing_and_the_next_run_starts_clean(trained, tiny_model, home, resources,
-                                                                           real_trainer):
+                                                                           real_trainer, retries_without_delay):
     """Each attempt's training child is killed mid-run: SIGKILL (the OOM killer), then SIGSEGV (a native crash) on
-    the first retry, then SIGKILL again on the last. One run, so the retries' delays are waited for once."""
+    the first retry, then SIGKILL again on the last (the shipped retries, without their delays)."""
     fake = resources
     resources = {**resources, "trainer": real_trainer}  # the fault is in the training child
     retries = TRAINER_RETRIES.max_retries  # a killed trainer is retried (tests/test_resume.py: the retry resumes)

@@ -126,7 +126,8 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tiny_model, tmp_path
     assert {s: losses(resumed)[s] for s in tail} == pytest.approx(tail, rel=1e-3)
 
 
-def test_dagster_retries_a_killed_trainer_and_the_retry_resumes(tiny_model, home, resources, tmp_path, monkeypatch):
+def test_dagster_retries_a_killed_trainer_and_the_retry_resumes(tiny_model, home, resources, tmp_path, monkeypatch,
+                                                                 retries_without_delay):
     """The lora_adapter asset's RetryPolicy: the first attempt's child is SIGKILLed mid-run, the run ends FAILED in
     MLflow, and the retry resumes from its checkpoint, in a run tagged with the one it continues."""
     import mlflow

@@ -1,10 +1,10 @@
 """The dataset sensor under a real Dagster daemon: an edit to a data file trains once, on the tiny model, and an
 edit during that training queues the next run. `dagster sensor list` and `dagster schedule list` show both.
 
-The daemon runs with a temporary DAGSTER_HOME that uses the shipped dagster.yaml; its code server listens on a
-local socket. It loads the shipped Definitions with a held fake trainer (tests/daemon_definitions.py), which the
-test releases once it has seen the second run wait. Every process the test starts is stopped at the end, its whole
-process group with it.
+The daemon runs with a temporary DAGSTER_HOME whose instance config is the shipped dagster.yaml with a run queue
+that looks every second instead of every 5 s (QUEUE_ROUND); its code server listens on a local socket. It loads
+the shipped Definitions with a held fake trainer (tests/daemon_definitions.py), which the test releases once it has
+seen the second run wait. Every process the test starts is stopped at the end, its whole process group with it.
 """
 import json
 import os
@@ -18,7 +18,8 @@ import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from dagster._core.scheduler.instigation import InstigatorType
 
-from orchestration.run_config import link_instance_config
+from orchestration.resources import PROJECT_ROOT
+from orchestration.run_config import INSTANCE_FILE, link_instance_config
 
 from daemon_definitions import RELEASE
 from orchestration.upstream import TRIGGER_TAG
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.daemon]
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+QUEUE_ROUND = 1  # seconds between the run queue's looks (Dagster's default: 5)
 
 
 def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
@@ -37,7 +39,7 @@ def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
         value = condition()
         if value:
             return value
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; daemon log ends with:\n"
                          + daemon_log.read_text(errors="replace")[-4000:])
 
@@ -45,10 +47,13 @@ def wait_for(what: str, condition, daemon_log: Path, timeout: float = TIMEOUT):
 
 def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp_path_factory):
     dagster_home = tmp_path_factory.mktemp("dagster_home")
-    link_instance_config(dagster_home)
+    shipped = yaml.safe_load((PROJECT_ROOT / INSTANCE_FILE).read_text())
+    (dagster_home / INSTANCE_FILE).write_text(yaml.safe_dump({**shipped, "run_coordinator": {
+        "module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator",
+        "config": {"dequeue_interval_seconds": QUEUE_ROUND}}}))
     (home / "persona.yaml").write_text(yaml.safe_dump(project(tiny_model)))
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PERSONA_HOME": str(home),
-           "PERSONA_SENSOR_QUIET_SECONDS": "3", "PERSONA_SENSOR_INTERVAL_SECONDS": "1",
+           "PERSONA_SENSOR_QUIET_SECONDS": "1", "PERSONA_SENSOR_INTERVAL_SECONDS": "1",
            "PERSONA_RETRAIN_SCHEDULE": "off", "TQDM_DISABLE": "1"}
     # Create the instance's storage before the daemon and its code server open it: on a fresh home they would
     # otherwise race to create the same SQLite schemas.
@@ -83,7 +88,7 @@ def test_sensor_under_the_daemon_trains_once_after_an_edit(tiny_model, home, tmp
         # has one slot). The test cancels it once seen waiting, then lets the held training finish.
         data.write_text(json.dumps(rows + [{**rows[0], "instruction": "Who are you, in two lines?"}], indent=1))
         second = wait_for("the run for the second edit", lambda: runs()[1:], daemon_log)[0]
-        time.sleep(8)  # more than one round of the run queue (5 s)
+        time.sleep(3 * QUEUE_ROUND + 1)  # more than a few rounds of the run queue
         assert instance.get_run_by_id(second.run_id).status == DagsterRunStatus.QUEUED
         assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.STARTED
         instance.run_coordinator.cancel_run(second.run_id)
