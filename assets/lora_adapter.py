@@ -6,6 +6,7 @@ One MLflow run per materialization: every resolved hyperparameter, the loss curv
 import math
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def lora_adapter(
     trainer: Trainer,
 ) -> Output[LoraAdapter]:
     import mlflow
+    from mlflow.entities import Metric
 
     device = detect_device() if config.device == "auto" else config.device
     recipe = resolve_dtype(default_recipe(device, config.recipe, base_model.parameters)
@@ -107,10 +109,11 @@ def lora_adapter(
             context.log.info(f"Resumed at step {result.resumed_from_step} from the interrupted MLflow run "
                              f"{result.resumed_from}")
 
-        for h in result.log_history:
-            for key, name in STEP_METRICS.items():
-                if key in h and h[key] is not None and math.isfinite(float(h[key])):
-                    mlflow.log_metric(name, float(h[key]), step=int(h.get("step", 0)))
+        logged_at = int(time.time() * 1000)  # the loss curve in one batch (not a request per point: ~6 ms each)
+        mlflow.MlflowClient().log_batch(run_id, metrics=[
+            Metric(name, float(h[key]), logged_at, int(h.get("step", 0)))
+            for h in result.log_history for key, name in STEP_METRICS.items()
+            if key in h and h[key] is not None and math.isfinite(float(h[key]))])
         mlflow.log_metrics({
             "train/seconds": result.train_seconds,
             "train/wall_seconds": result.wall_seconds,
