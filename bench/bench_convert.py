@@ -1,16 +1,21 @@
-"""A/B of the embedded GGUF's conversion: persona.models.convert_gguf (one config read, handed to the tokenizer and
-the model) against transformers' defaults (the tokenizer and the model each read the config again, and the
-provenance with gguf.GGUFReader), alternating in one process, then a byte comparison of the two folders.
+"""A/B of the embedded GGUF's conversion, alternating in one process, then a byte comparison of the folders:
+- defaults: transformers' defaults (the tokenizer and the model each read the config again, and the provenance
+  with gguf.GGUFReader);
+- two_readers: persona.models.convert_gguf without one_gguf_reader (one config read, handed to the tokenizer and
+  the model, but the weights' load builds its own gguf.GGUFReader);
+- ours: persona.models.convert_gguf as it is.
 
-    .venv/bin/python bench/bench_convert.py [--model embedded:smollm2-135m] [--rounds 2]
+    .venv/bin/python bench/bench_convert.py [--model embedded:smollm2-135m] [--rounds 2] [--arms two_readers ours]
 """
 import argparse
+import contextlib
 import hashlib
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import persona.models
 from persona.models import assemble_gguf, convert_gguf, embedded_model, gguf_provenance
 
 
@@ -40,18 +45,31 @@ def ours(gguf: Path, out: Path) -> None:
     convert_gguf(gguf, out)
 
 
+def two_readers(gguf: Path, out: Path) -> None:
+    kept = persona.models.one_gguf_reader
+    persona.models.one_gguf_reader = contextlib.nullcontext
+    try:
+        ours(gguf, out)
+    finally:
+        persona.models.one_gguf_reader = kept
+
+
+ARMS = {"defaults": defaults, "two_readers": two_readers, "ours": ours}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(dir="/tmp"))
     gguf = work / "gguf" / "model.gguf"
     gguf.parent.mkdir()
     assemble_gguf(embedded_model(args.model), gguf)
-    times = {"defaults": [], "ours": []}
+    times = {name: [] for name in args.arms}
     for _ in range(args.rounds):
-        for name, fn in (("defaults", defaults), ("ours", ours)):
+        for name, fn in ((name, ARMS[name]) for name in args.arms):
             shutil.rmtree(work / name, ignore_errors=True)
             started = time.perf_counter()
             fn(gguf, work / name)
@@ -59,7 +77,8 @@ def main() -> None:
             print(name, times[name][-1], "s", flush=True)
     digest = {name: {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((work / name).iterdir())}
               for name in times}
-    print("seconds:", times, "| same files byte for byte:", digest["defaults"] == digest["ours"])
+    same = all(d == digest[args.arms[0]] for d in digest.values())
+    print("seconds:", times, "| same files byte for byte:", same)
     shutil.rmtree(work)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -499,6 +500,28 @@ def gguf_provenance(gguf: Path) -> dict:
     return {key: metadata[f"general.{key}"] for key in keys if f"general.{key}" in metadata}
 
 
+@contextmanager
+def one_gguf_reader():
+    """Within it, gguf.GGUFReader returns one reader per file. For qwen2, transformers reads a GGUF with it twice, for
+    the config and again for the weights, and each read unpacks the 151k-entry vocabulary one value at a time (~7 s
+    here); the file does not change in between. A/B in BENCHMARKS.md "One GGUF reader for the conversion"."""
+    import gguf
+
+    built, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = built(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = built
+
+
 def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
     """Dequantize a GGUF file into a safetensors folder with transformers.
 
@@ -510,7 +533,7 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
     from transformers.initialization import no_init_weights
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
-    with progress(total=4, desc=f"converting {gguf.name}", unit="stage") as bar:
+    with progress(total=4, desc=f"converting {gguf.name}", unit="stage") as bar, one_gguf_reader():
         bar.set_postfix_str("tokenizer")
         # For qwen2, transformers still reads a GGUF's config with gguf.GGUFReader (~9 s here), and the tokenizer and
         # the model would each read it again unless handed the config and the tokenizer type: 60 -> 41 s, the same

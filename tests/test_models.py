@@ -67,3 +67,23 @@ def test_weight_digests_are_remembered_until_a_file_changes(tmp_path, monkeypatc
     os.utime(b, ns=(1, 1))                                                          # any stat change counts
     changed = models.sha256_files([a, b])
     assert reads[-1] == b.name and len(reads) == 3 and changed != both
+
+
+def test_one_gguf_reader_reads_each_file_once_and_then_puts_gguf_back(tmp_path):
+    import gguf
+
+    from persona.models import one_gguf_reader
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    built = gguf.GGUFReader
+    with one_gguf_reader():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # transformers' second read (the weights) gets the first reader
+        assert first.fields["general.name"].contents() == "tiny"
+    assert gguf.GGUFReader is built and gguf.GGUFReader(path) is not first
