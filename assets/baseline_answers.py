@@ -35,16 +35,10 @@ def baseline_answers(context: AssetExecutionContext, config: EvaluationConfig, b
     setup = config.setup(base_model, curated_dataset.probes_path, Identity(**curated_dataset.identity()), system,
                          device, workspace.output("answer_cache"))
     started = time.time()
-    loaded = []
-
-    def load():
-        loaded.append(setup.load())
-        return loaded[-1]
-
-    answers = setup.baseline(load, log=context.log.info,
+    loads = []  # setup.baseline loads the model only for answers it does not remember
+    answers = setup.baseline(lambda: loads.append(1) or setup.load(), log=context.log.info,
                              on_batch=lambda done, total: context.log.info(f"answered {done}/{total}"))
-    if loaded:  # (remembered answers load no model: nothing to give back, and a full collection costs ~0.5 s)
-        loaded.clear()
+    if loads:  # (nothing loaded, nothing to give back: a full collection costs ~0.5 s)
         release_memory(device)  # before the training child claims the GPU
     counts = {name: len(d.texts) for name, d in answers.items()}
     context.log.info(f"Baseline answers: {counts} in {time.time() - started:.1f} s.")
