@@ -23,7 +23,8 @@ def _run(args: argparse.Namespace) -> int:
     link_instance_config(os.environ["DAGSTER_HOME"])  # so `dagster dev` on this home runs one training at a time
     from orchestration.definitions import defs
     from orchestration.instance import open_instance
-    from orchestration.plain_errors import plain_job, quiet_interrupted_closes, quiet_log_mirrors, run_failure
+    from orchestration.plain_errors import (plain_job, quiet_interrupted_closes, quiet_log_mirrors,
+                                            redeliver_swallowed_interrupts, run_failure)
     from orchestration.resources import Workspace
 
     # persona.yaml, then the flags given on top (an absent flag leaves persona.yaml's value, or the default).
@@ -36,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         job, run_config = plain_job(job, run_config)
         quiet_log_mirrors()
         quiet_interrupted_closes()
+    redeliver_swallowed_interrupts(show=args.debug)
     started = time.time()
     result = job.execute_in_process(run_config=run_config, instance=open_instance(), raise_on_error=False, tags=tags)
     took = time.time() - started

@@ -9,16 +9,21 @@ executing op "X":`, unless `persona --debug` (or PERSONA_DEBUG=1) asks for the t
 - `quiet_log_mirrors()`: Dagster's compute-log mirrors (`tail` and a watcher script) out of reach of the terminal's
   Ctrl-C, which persona handles: the watcher would print a KeyboardInterrupt traceback of its own.
 - `quiet_interrupted_closes()`: no SQLAlchemy pool traceback when Ctrl-C lands while a database connection closes.
+- `redeliver_swallowed_interrupts()`: no "Exception ignored" traceback when Ctrl-C lands in a garbage-collection
+  callback, which Python swallows; the interrupt is delivered again instead, so it still stops the run.
 - `run_failure(result, seconds)`: what `persona run` prints when its run fails, with the exit status (130 when it
   was interrupted).
 - `call(func, command, debug)`: run a CLI command; an exception becomes one line on stderr and exit status 1.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,3 +269,21 @@ def quiet_interrupted_closes() -> None:
         log = logging.getLogger(getattr(cls, "_sqla_logger_namespace", None) or f"{cls.__module__}.{cls.__name__}")
         if not any(isinstance(f, _NoInterruptedCloses) for f in log.filters):
             log.addFilter(_NoInterruptedCloses())
+
+
+def _redeliver_interrupts(unraisable, show: bool = False) -> None:
+    """sys.unraisablehook: an interrupt raised where Python can only ignore it (a weakref callback or __del__ that
+    the garbage collector runs, SQLAlchemy's among them, seen in CI) is sent again from a helper thread, so that it
+    lands once this callback has returned; other unraisable exceptions, and with `show` this one too, are printed as
+    Python prints them."""
+    interrupt = type(unraisable.exc_value).__name__ in INTERRUPTS
+    if show or not interrupt:
+        sys.__unraisablehook__(unraisable)
+    if interrupt:
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+
+def redeliver_swallowed_interrupts(show: bool = False) -> None:
+    """Install _redeliver_interrupts as sys.unraisablehook (`show`: still print the swallowed interrupt's traceback,
+    for `persona --debug`)."""
+    sys.unraisablehook = functools.partial(_redeliver_interrupts, show=show)

@@ -416,3 +416,42 @@ def test_an_interrupt_inside_a_connection_close_prints_no_pool_traceback(raised,
     records = [r for r in caplog.records if "closing connection" in r.getMessage()]
     assert bool(records) is logged
     assert len(logging.getLogger("sqlalchemy.pool.impl.NullPool").filters) == 1
+
+
+@pytest.mark.parametrize("raised", ["interrupt", "error"])
+def test_an_interrupt_swallowed_by_a_gc_callback_is_delivered_again_without_a_traceback(raised, monkeypatch, capfd):
+    """Ctrl-C can land while the garbage collector runs a weakref callback (SQLAlchemy's, seen in CI): Python
+    swallows the interrupt there and prints "Exception ignored" with a traceback. `persona run` prints nothing and
+    sends the interrupt again, so it still stops the run; any other ignored exception is printed as before."""
+    import weakref
+
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from orchestration.plain_errors import redeliver_swallowed_interrupts
+
+    received = []
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # (restored after the test)
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(time.time()))
+    try:
+        redeliver_swallowed_interrupts()
+
+        class Connection:
+            pass
+
+        def callback(_):
+            raise DagsterExecutionInterruptedError() if raised == "interrupt" else ValueError("a plain error")
+
+        connection = Connection()
+        ref = weakref.ref(connection, callback)  # noqa: F841 - the callback runs when the connection is collected
+        del connection
+        deadline = time.time() + 5
+        while raised == "interrupt" and not received and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capfd.readouterr().err
+    if raised == "interrupt":
+        assert len(received) == 1 and err == ""
+    else:
+        assert not received and "Exception ignored" in err and "ValueError: a plain error" in err
