@@ -326,6 +326,24 @@ def serve(address: str, device: str, idle_seconds: float) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """End this process without the interpreter's teardown of its modules: with torch, transformers and ms-swift
+    loaded that takes ~1.8 s on a 2-core CPU after the training has finished, and the caller waits for it (it reads
+    the output to its end). What Python does at exit for the program still happens first: non-daemon threads are
+    joined, atexit functions run (logging's flush among them) and the output is flushed. BENCHMARKS.md "A training
+    child that exits at once" has the A/B."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # (CPython's own call at exit; os._exit below skips it otherwise)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--standby":
         ap = argparse.ArgumentParser(prog="python -m persona.train_worker")
@@ -333,5 +351,6 @@ if __name__ == "__main__":
         ap.add_argument("--device", default="cuda")
         ap.add_argument("--idle", type=float, default=600.0, help="seconds to wait for a job before exiting")
         opts = ap.parse_args()
-        sys.exit(serve(opts.standby, opts.device, opts.idle))
-    main(sys.argv[1])
+        exit_now(serve(opts.standby, opts.device, opts.idle))
+    main(sys.argv[1])  # an error or sys.exit() ends the process as Python ends it
+    exit_now(0)
