@@ -212,7 +212,6 @@ def prepare(device: str) -> None:
     from swift.model.register import ModelLoader  # noqa: F401
 
     from persona import preflight  # noqa: F401
-
     if cuda is not None:
         cuda.result()
 
@@ -327,14 +326,10 @@ def serve(address: str, device: str, idle_seconds: float) -> int:
 
 
 def exit_now(code: int) -> None:
-    """End this process without the interpreter's teardown of its modules: with torch, transformers and ms-swift
-    loaded that takes ~1.8 s on a 2-core CPU after the training has finished, and the caller waits for it (it reads
-    the output to its end). What Python does at exit for the program still happens first: non-daemon threads are
-    joined, atexit functions run (logging's flush among them) and the output is flushed. BENCHMARKS.md "A training
-    child that exits at once" has the A/B."""
+    """End without the interpreter's teardown of torch, transformers and ms-swift (~1.6 s on 2 CPU cores, which the
+    caller waits for), after what Python's exit does: threads joined, atexit run, output flushed (BENCHMARKS.md)."""
     import atexit
     import threading
-
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
@@ -352,5 +347,4 @@ if __name__ == "__main__":
         ap.add_argument("--idle", type=float, default=600.0, help="seconds to wait for a job before exiting")
         opts = ap.parse_args()
         exit_now(serve(opts.standby, opts.device, opts.idle))
-    main(sys.argv[1])  # an error or sys.exit() ends the process as Python ends it
-    exit_now(0)
+    exit_now(main(sys.argv[1]) or 0)  # (an error or sys.exit() in main ends the process as Python ends it)
