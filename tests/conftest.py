@@ -92,10 +92,27 @@ def random_adapter(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_db(tmp_path_factory) -> Path:
+    """An MLflow tracking database with MLflow's tables and no experiment of persona's, created once: MLflow's table
+    creation (alembic migrations, ~1.4 s) would otherwise run in every test's home. Homes that start without one are
+    tested too: tests/test_one_at_a_time.py's first starts, the CLI's and the daemon's tests, `make run`."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("tracking") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A project home with data/, outputs/ and mlruns/ in a temporary folder."""
+def home(tmp_path, monkeypatch, empty_tracking_db) -> Path:
+    """A project home with data/, outputs/ and mlruns/ in a temporary folder; mlruns/ holds MLflow's tables, as after
+    a first start."""
+    import shutil
+
     write_identity_data(tmp_path / "data")
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(empty_tracking_db, tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("PERSONA_HOME", str(tmp_path))
     return tmp_path
 

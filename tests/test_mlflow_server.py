@@ -81,6 +81,7 @@ def test_pipeline_against_a_tracking_server(tiny_model, home, resources, mlflow_
     from orchestration.resources import MlflowTracker
 
     url, server_artifacts = mlflow_server
+    shutil.rmtree(home / "mlruns")  # (a home that tracks to a server keeps no local store: asserted below)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     tracker = MlflowTracker()  # what definitions.py and the CLI build: the URI from the environment
     assert (tracker.tracking_uri, tracker.ui_url, tracker.artifact_root) == (url, url, None)
