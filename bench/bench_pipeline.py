@@ -16,7 +16,10 @@ remembered baseline answers.
 
 Writes $OUT/bench_pipeline.json (or --out): per run, the process's wall seconds and each step's seconds from
 Dagster's STEP_SUCCESS events; on the launch path also the launched run process's own seconds (the outer process's
-imports are the bench's, which a running daemon does not pay) and its output in HOME/launch-RUN_ID.log.
+imports are the bench's, which a running daemon does not pay; they include the process's exit after the run ended)
+and its output in HOME/launch-RUN_ID.log. `to_run_end_seconds`, on both paths: from the start of the process that
+runs the job to Dagster's RUN_SUCCESS (or RUN_FAILURE) record, the moment the run is over for the daemon, the run
+queue and the UI; the comparable figure for the two paths.
 """
 from __future__ import annotations
 
@@ -43,6 +46,18 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
             for r in records}
 
 
+def run_end(instance, run_id: str) -> float | None:
+    """When Dagster recorded the run's end (RUN_SUCCESS or RUN_FAILURE): the run is over for the daemon, the run queue
+    and the UI from then on, whatever its process still does before it exits."""
+    from dagster import DagsterEventType
+
+    for kind in (DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE):
+        records = instance.get_records_for_run(run_id, of_type=kind).records
+        if records:
+            return records[-1].event_log_entry.timestamp
+    return None
+
+
 def run_once(args) -> dict:
     sys.path.insert(0, str(ROOT))
     from dagster import DagsterInstance
@@ -56,6 +71,7 @@ def run_once(args) -> dict:
     job = defs.resolve_job_def("train_persona")
     tags = run_tags(config, Path(args.home, "data"), "bench")
     if args.path == "cli":
+        started = PROCESS_START
         result = job.execute_in_process(run_config=config, instance=instance, tags=tags, raise_on_error=False)
         run_id, ok = result.run_id, result.success
     else:
@@ -75,8 +91,10 @@ def run_once(args) -> dict:
         Path(args.home, f"launch-{run_id or 'failed'}.log").write_text(proc.stdout + proc.stderr)
         if not ok:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+    ended = run_end(instance, run_id) if run_id else None
     return {"ok": ok, "path": args.path, "run_id": run_id, "wall_seconds": round(time.time() - PROCESS_START, 1),
             **({"run_process_seconds": run_process_seconds} if args.path == "launch" else {}),
+            "to_run_end_seconds": round(ended - started, 1) if ended else None,
             "steps": step_seconds(instance, run_id)}
 
 
