@@ -95,8 +95,8 @@ def random_adapter(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def empty_tracking_db(tmp_path_factory) -> Path:
     """An MLflow tracking database with MLflow's tables and no experiment of persona's, created once: MLflow's table
-    creation (alembic migrations, ~1.4 s) would otherwise run in every test's home. Homes that start without one are
-    tested too: tests/test_one_at_a_time.py's first starts, the CLI's and the daemon's tests, `make run`."""
+    creation (alembic migrations, ~1.4 s) would otherwise run in every test's home. A home that starts without one is
+    tested by tests/test_one_at_a_time.py's first starts (three at once) and by CI's `make run` in a fresh clone."""
     import mlflow
 
     path = tmp_path_factory.mktemp("tracking") / "mlflow.db"
