@@ -1,4 +1,4 @@
-"""A/B: the training child ending at once (persona.train_worker.exit_now) against Python's normal exit.
+"""A/B: the training child ending at once (persona.quick_exit.exit_now) against Python's normal exit.
 
 Each run is one persona.training.train_lora call, the call the lora_adapter asset makes through the trainer
 resource, on the embedded default (or --model) with the CPU recipe the product picks for it and the 50 identity rows

@@ -212,6 +212,7 @@ def prepare(device: str) -> None:
     from swift.model.register import ModelLoader  # noqa: F401
 
     from persona import preflight  # noqa: F401
+
     if cuda is not None:
         cuda.result()
 
@@ -325,21 +326,9 @@ def serve(address: str, device: str, idle_seconds: float) -> int:
     return code
 
 
-def exit_now(code: int) -> None:
-    """End without the interpreter's teardown of torch, transformers and ms-swift (~1.6 s on 2 CPU cores, which the
-    caller waits for), after what Python's exit does: threads joined, atexit run, output flushed (BENCHMARKS.md)."""
-    import atexit
-    import threading
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # (CPython's own call at exit; os._exit below skips it otherwise)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from persona.quick_exit import exit_now
+
     if sys.argv[1] == "--standby":
         ap = argparse.ArgumentParser(prog="python -m persona.train_worker")
         ap.add_argument("--standby", required=True, help="the Unix socket to listen on")

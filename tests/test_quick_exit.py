@@ -1,5 +1,6 @@
-"""The training child ends at once when its work is done (persona.train_worker.exit_now), yet nothing Python does at
-exit for the program is lost: non-daemon threads finish, atexit functions run, buffered output arrives."""
+"""persona's processes (the training child, the `persona` command) end at once when their work is done
+(persona.quick_exit.exit_now), yet nothing Python does at exit for the program is lost: non-daemon threads finish,
+atexit functions run, buffered output arrives."""
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,7 @@ import pytest
 
 PROGRAM = textwrap.dedent("""
     import atexit, sys, threading, time
-    from persona.train_worker import exit_now
+    from persona.quick_exit import exit_now
 
     atexit.register(lambda: print("atexit ran"))
     threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
